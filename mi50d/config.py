@@ -1,0 +1,321 @@
+"""Configuration: the pydantic models of `/etc/mi50d/*.toml` and `load_config(dir)`.
+
+`mi50d.toml` holds the daemon's own settings; every other `*.toml` is one instance, named by its file
+stem. Everything is frozen and `extra="forbid"`: a typo is an error naming the file, the key and a fix.
+This module owns turning a directory into a `Config` or one `ConfigError`; it never exits.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DAEMON_FILE = "mi50d.toml"
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+DEFAULT_CONFIG_DIR = Path("/etc/mi50d")
+DEFAULT_SOCKET = Path("/run/mi50d/control.sock")
+DEFAULT_LLAMA_SERVER = Path("/var/lib/mi50d/llama/current/bin/llama-server")
+
+# Variables that select GPUs. mi50d sets exactly one of them (ROCR_VISIBLE_DEVICES) from `gpus`;
+# inheriting another would filter the already-filtered list a second time (see `gpu_environment`).
+GPU_SELECT_VARS = ("ROCR_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES",
+                   "GPU_DEVICE_ORDINAL")
+
+
+class ConfigError(Exception):
+    """One or more configuration problems; each line reads `file: key: problem`."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+PositiveSeconds = Annotated[float, Field(gt=0)]
+
+
+class RestartConfig(_Model):
+    """When a process that ended is started again (see `mi50d.policy`)."""
+
+    policy: Literal["always", "on-failure", "never"] = "on-failure"
+    delay_s: Annotated[float, Field(ge=0)] = 1.0
+    max_delay_s: Annotated[float, Field(ge=0)] = 30.0
+    burst: Annotated[int, Field(ge=1)] = 5
+    interval_s: PositiveSeconds = 120.0
+
+    @model_validator(mode="after")
+    def _delays_ordered(self) -> RestartConfig:
+        if self.max_delay_s < self.delay_s:
+            raise ValueError("max_delay_s must be >= delay_s")
+        return self
+
+
+class HealthConfig(_Model):
+    """How readiness and hangs are detected over HTTP."""
+
+    path: str = "/health"
+    interval_s: PositiveSeconds = 5.0
+    timeout_s: PositiveSeconds = 3.0
+    failures: Annotated[int, Field(ge=1)] = 3
+    start_timeout_s: PositiveSeconds = 900.0
+
+    @field_validator("path")
+    @classmethod
+    def _absolute_path(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError("must start with '/', e.g. \"/health\"")
+        return value
+
+
+class StopConfig(_Model):
+    timeout_s: PositiveSeconds = 20.0
+
+
+class InstanceSettings(_Model):
+    """The keys of one instance file (`<name>.toml`); these names are a public contract."""
+
+    model: Path
+    mmproj: Path | None = None
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)]
+    ctx_size: Annotated[int, Field(ge=0)] | None = None
+    n_gpu_layers: Annotated[int, Field(ge=0)] | Literal["auto", "all"] | None = None
+    flash_attn: Literal["on", "off", "auto"] | None = None
+    jinja: bool = False
+    threads: Annotated[int, Field(ge=1)] | None = None
+    alias: str | None = None
+    api_key_file: Path | None = None
+    temp: Annotated[float, Field(ge=0)] | None = None
+    top_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    top_k: Annotated[int, Field(ge=0)] | None = None
+    presence_penalty: float | None = None
+    gpus: tuple[Annotated[int, Field(ge=0)], ...] | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    args: tuple[str, ...] = ()
+    llama_server: Path | None = None
+    autostart: bool = False
+    requires_mounts: tuple[Path, ...] = ()
+    force_vram: bool = False
+    restart: RestartConfig = RestartConfig()
+    health: HealthConfig = HealthConfig()
+    stop: StopConfig = StopConfig()
+
+    @model_validator(mode="after")
+    def _one_gpu_selector(self) -> InstanceSettings:
+        clash = [v for v in GPU_SELECT_VARS if v in self.env]
+        if self.gpus is not None and clash:
+            raise ValueError(
+                f"gpus and env.{clash[0]} both select GPUs; keep only `gpus` "
+                "(mi50d turns it into ROCR_VISIBLE_DEVICES)"
+            )
+        return self
+
+
+class InstanceConfig(InstanceSettings):
+    """An instance as the supervisor sees it: its settings plus its name and source file."""
+
+    name: str
+    source: Path
+
+    def binary(self, daemon: DaemonConfig) -> Path:
+        return self.llama_server or daemon.llama_server
+
+    def endpoint(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        return f"http://{host}:{self.port}"
+
+    def argv(self, daemon: DaemonConfig) -> list[str]:
+        """The exact llama-server command line."""
+        argv = [str(self.binary(daemon)), "--model", str(self.model)]
+        if self.mmproj is not None:
+            argv += ["--mmproj", str(self.mmproj)]
+        argv += ["--host", self.host, "--port", str(self.port)]
+        optional: list[tuple[str, object]] = [
+            ("--ctx-size", self.ctx_size),
+            ("--n-gpu-layers", self.n_gpu_layers),
+            ("--flash-attn", self.flash_attn),
+            ("--threads", self.threads),
+            ("--alias", self.alias),
+            ("--api-key-file", self.api_key_file),
+            ("--temp", self.temp),
+            ("--top-p", self.top_p),
+            ("--top-k", self.top_k),
+            ("--presence-penalty", self.presence_penalty),
+        ]
+        for flag, value in optional:
+            if value is not None:
+                argv += [flag, str(value)]
+        if self.jinja:
+            argv.append("--jinja")
+        argv += list(self.args)
+        return argv
+
+    def environment(self, base: Mapping[str, str]) -> dict[str, str]:
+        """The child's environment: `base` minus systemd's and GPU-selection variables, plus ours."""
+        drop = {"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID",
+                "LISTEN_FDNAMES", "MI50D_SOCKET"}
+        if self.gpus is not None:
+            drop.update(GPU_SELECT_VARS)
+        env = {k: v for k, v in base.items() if k not in drop}
+        env.update(gpu_environment(self.gpus))
+        env.update(self.env)
+        return env
+
+
+def gpu_environment(gpus: tuple[int, ...] | None) -> dict[str, str]:
+    """Device visibility for `gpus`, as ROCR_VISIBLE_DEVICES only.
+
+    ROCR_VISIBLE_DEVICES filters at the ROCr runtime, in the order rocminfo and the KFD topology
+    list GPUs, and hides the others from every library in the process. HIP_VISIBLE_DEVICES filters
+    again, counting within what ROCr left: ROCR=1 plus HIP=1 asks for the second of one GPU and
+    leaves none. So we set one variable, the lower one, and clear the others.
+    """
+    if gpus is None:
+        return {}
+    return {"ROCR_VISIBLE_DEVICES": ",".join(str(g) for g in gpus)}
+
+
+class HostPaths(_Model):
+    """Where host facts are read from; tests point these at recorded fixture trees."""
+
+    sysfs_root: Path = Path("/sys")
+    dev_root: Path = Path("/dev")
+    rocm_path: Path = Path("/opt/rocm")
+    mountinfo: Path = Path("/proc/self/mountinfo")
+
+
+class DaemonConfig(_Model):
+    """`mi50d.toml`: daemon-wide settings, all optional."""
+
+    llama_server: Path = DEFAULT_LLAMA_SERVER
+    socket: Path = DEFAULT_SOCKET
+    socket_group: str = "mi50d"
+    user: str = "mi50d"
+    wait_ready: bool = False
+    log_lines: Annotated[int, Field(ge=10, le=100_000)] = 2000
+    preflight: bool = True
+    host: HostPaths = HostPaths()
+    defaults: dict[str, Any] = Field(default_factory=dict)
+
+
+class Config(_Model):
+    directory: Path
+    daemon: DaemonConfig
+    instances: dict[str, InstanceConfig]
+
+
+def _read_toml(path: Path, problems: list[str]) -> dict[str, Any] | None:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        problems.append(f"{path.name}: not valid TOML: {exc}; fix the syntax at that line")
+    except OSError as exc:
+        problems.append(f"{path.name}: cannot read: {exc.strerror}")
+    return None
+
+
+def _describe(path: Path, exc: ValidationError, model: type[BaseModel]) -> list[str]:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(file)"
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            known = _known_keys(model, err["loc"][:-1])
+            close = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(known)}"
+            lines.append(f"{path.name}: {loc}: unknown key; {hint}")
+        elif kind == "missing":
+            lines.append(f"{path.name}: {loc}: required key is missing; add `{loc} = ...`")
+        else:
+            lines.append(f"{path.name}: {loc}: {err['msg']}")
+    return lines
+
+
+def _known_keys(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        else:
+            return []
+    return sorted(model.model_fields)
+
+
+def _merge_defaults(defaults: Mapping[str, Any], own: Mapping[str, Any]) -> dict[str, Any]:
+    """Instance keys over `[defaults]`; sub-tables ([restart], [health], [stop], env) merge by key."""
+    merged = dict(defaults)
+    for key, value in own.items():
+        base = merged.get(key)
+        if isinstance(base, dict) and isinstance(value, dict):
+            merged[key] = {**base, **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_daemon_config(directory: Path) -> DaemonConfig:
+    problems: list[str] = []
+    path = directory / DAEMON_FILE
+    raw = _read_toml(path, problems) if path.exists() else {}
+    if raw is None:
+        raise ConfigError(problems)
+    try:
+        return DaemonConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(path, exc, DaemonConfig)) from None
+
+
+def load_config(directory: Path) -> Config:
+    """Read and validate the whole directory; raise one ConfigError listing every problem."""
+    if not directory.is_dir():
+        raise ConfigError([f"{directory}: not a directory; create it or pass --config-dir"])
+    problems: list[str] = []
+    try:
+        daemon = load_daemon_config(directory)
+    except ConfigError as exc:
+        problems += exc.problems
+        daemon = DaemonConfig()
+    instances: dict[str, InstanceConfig] = {}
+    for path in sorted(directory.glob("*.toml")):
+        if path.name == DAEMON_FILE:
+            continue
+        name = path.stem
+        if not NAME_RE.match(name):
+            problems.append(f"{path.name}: file name: instance names are [a-z0-9][a-z0-9._-]*; "
+                            "rename the file")
+            continue
+        raw = _read_toml(path, problems)
+        if raw is None:
+            continue
+        data = _merge_defaults(daemon.defaults, raw)
+        try:
+            InstanceSettings.model_validate(data)
+            instances[name] = InstanceConfig.model_validate({**data, "name": name, "source": path})
+        except ValidationError as exc:
+            problems += _describe(path, exc, InstanceSettings)
+    problems += _port_clashes(instances)
+    if problems:
+        raise ConfigError(problems)
+    return Config(directory=directory, daemon=daemon, instances=instances)
+
+
+def _port_clashes(instances: Mapping[str, InstanceConfig]) -> list[str]:
+    seen: dict[int, str] = {}
+    problems = []
+    for name, inst in instances.items():
+        other = seen.setdefault(inst.port, name)
+        if other != name:
+            problems.append(f"{inst.source.name}: port: {inst.port} is already used by "
+                            f"{other}.toml; pick a free port")
+    return problems
