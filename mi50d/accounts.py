@@ -1,0 +1,39 @@
+"""Which account instances run as: the configured `user`, with the groups a ROCm process needs."""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import os
+import pwd
+
+from mi50d.process import Account
+
+ROCM_GROUPS = ("render", "video")
+
+
+class AccountError(Exception):
+    pass
+
+
+def resolve_account(user: str) -> Account | None:
+    """The account to run children as, or None to keep the daemon's own (when not root).
+
+    Only root can switch; an unprivileged daemon runs its children as itself. `user = "root"`
+    in mi50d.toml is the explicit opt-in to run llama-server as root.
+    """
+    if os.geteuid() != 0:
+        return None
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        raise AccountError(
+            f"user {user!r} does not exist; create it (the mi50d package does: "
+            f"adduser --system --group {user}) or set `user` in mi50d.toml"
+        ) from None
+    groups = {pw.pw_gid}
+    groups.update(g.gr_gid for g in grp.getgrall() if user in g.gr_mem)
+    for name in ROCM_GROUPS:
+        with contextlib.suppress(KeyError):
+            groups.add(grp.getgrnam(name).gr_gid)
+    return Account(name=user, uid=pw.pw_uid, gid=pw.pw_gid, groups=tuple(sorted(groups)))

@@ -1,0 +1,212 @@
+"""All instances, one task each in the daemon's TaskGroup; start/stop/restart; reload as a diff.
+
+`apply(new_config)` restarts only instances whose effective launch changed (frozen configs compare
+with `!=`), starts added ones that autostart, stops removed ones and does not touch the rest: no
+reload of a 20 GB model because another file changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from mi50d.accounts import resolve_account
+from mi50d.config import Config, InstanceConfig
+from mi50d.events import Hub
+from mi50d.instance import Diagnose, Instance, Preflight
+from mi50d.protocol import InstanceStatus
+from mi50d.states import State
+
+log = logging.getLogger("mi50d.supervisor")
+
+
+class UnknownInstance(KeyError):
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+    def __str__(self) -> str:
+        return f"no instance named {self.name!r}"
+
+
+@dataclass
+class ReloadReport:
+    added: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    restarted: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+
+
+class Supervisor:
+    def __init__(
+        self,
+        config: Config,
+        preflight: Callable[[Config], Preflight | None] | None = None,
+        diagnose: Diagnose | None = None,
+    ) -> None:
+        self.config = config
+        self.events = Hub()
+        self._make_preflight = preflight
+        self._diagnose = diagnose
+        self._instances: dict[str, Instance] = {}
+        self._tg: asyncio.TaskGroup | None = None
+        self.on_change: list[Callable[[], None]] = []
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    def launch(self, tg: asyncio.TaskGroup) -> None:
+        """Create every instance's task in `tg` and request the autostart ones."""
+        self._tg = tg
+        for conf in self.config.instances.values():
+            inst = self._add(conf)
+            if conf.autostart:
+                inst.request_start()
+
+    async def shutdown(self) -> None:
+        """Stop every instance at once (each within its own stop timeout) and end their tasks."""
+        await asyncio.gather(*(inst.close() for inst in self._instances.values()))
+
+    def _add(self, config: InstanceConfig) -> Instance:
+        assert self._tg is not None, "launch() first"
+        inst = Instance(
+            config,
+            self.config.daemon,
+            resolve_account(self.config.daemon.user),
+            on_change=self._changed,
+            on_line=self._line,
+            preflight=self._make_preflight(self.config) if self._make_preflight else None,
+            diagnose=self._diagnose,
+        )
+        self._instances[config.name] = inst
+        self._tg.create_task(self._guarded(inst), name=f"instance:{config.name}")
+        return inst
+
+    async def _guarded(self, inst: Instance) -> None:
+        """One instance's bug must not take the others down: log it, leave that one failed."""
+        try:
+            await inst.run()
+        except Exception:
+            log.exception("instance_crashed instance=%s", inst.name)
+            inst.state, inst.reason = State.FAILED, "internal error in mi50d; see the journal"
+            self._changed(inst)
+
+    # ---- commands ----------------------------------------------------------------------------
+
+    def get(self, name: str) -> Instance:
+        try:
+            return self._instances[name]
+        except KeyError:
+            raise UnknownInstance(name) from None
+
+    def names(self) -> list[str]:
+        return sorted(self._instances)
+
+    def start(self, name: str) -> Instance:
+        inst = self.get(name)
+        inst.request_start()
+        return inst
+
+    async def stop(self, name: str) -> Instance:
+        inst = self.get(name)
+        await inst.stop()
+        return inst
+
+    async def restart(self, name: str) -> Instance:
+        inst = await self.stop(name)
+        inst.request_start()
+        return inst
+
+    async def apply(self, new: Config) -> ReloadReport:
+        """Move from the running configuration to `new` (already validated)."""
+        report = ReloadReport()
+        old = self.config
+        self.config = new
+        gone = [self._instances.pop(n) for n in list(self._instances) if n not in new.instances]
+        report.removed = sorted(i.name for i in gone)
+        changed: list[tuple[Instance, InstanceConfig]] = []
+        for name, conf in new.instances.items():
+            inst = self._instances.get(name)
+            if inst is None:
+                report.added.append(name)
+            elif _launch_key(conf, new) != _launch_key(inst.config, old):
+                changed.append((inst, conf))
+                report.restarted.append(name)
+            else:
+                inst.config = conf  # equal launch; keep the new object for its source path
+                report.unchanged.append(name)
+        # Removed and changed instances stop together; then the new set starts. A changed
+        # instance comes back up if it was wanted up, or if it now autostarts.
+        wanted = {inst.name: inst.wanted for inst, _ in changed}
+        await asyncio.gather(*(i.close() for i in gone), *(i.close() for i, _ in changed))
+        for inst, conf in changed:
+            again = self._add(conf)
+            if wanted[inst.name] or conf.autostart:
+                again.request_start()
+        for name in report.added:
+            conf = new.instances[name]
+            fresh = self._add(conf)
+            if conf.autostart:
+                fresh.request_start()
+        log.info("config_reloaded added=%s removed=%s restarted=%s unchanged=%d",
+                 report.added, report.removed, report.restarted, len(report.unchanged))
+        self._changed(None)
+        return report
+
+    # ---- views -------------------------------------------------------------------------------
+
+    def status(self, name: str | None = None) -> list[InstanceStatus]:
+        chosen: Iterable[Instance] = (
+            [self.get(name)] if name else (self._instances[n] for n in self.names())
+        )
+        return [status_of(i) for i in chosen]
+
+    def summary(self) -> str:
+        """One line for systemd's STATUS=, e.g. `2/3 running; qwen3-vl-32b starting 41s`."""
+        insts = list(self._instances.values())
+        running = sum(i.state is State.RUNNING for i in insts)
+        parts = [f"{running}/{len(insts)} running"]
+        now = time.time()
+        for i in sorted(insts, key=lambda i: i.name):
+            if i.state not in (State.RUNNING, State.STOPPED):
+                parts.append(f"{i.name} {i.state} {now - i.since:.0f}s")
+        return "; ".join(parts)
+
+    def _changed(self, inst: Instance | None) -> None:
+        if inst is not None:
+            self.events.publish({"event": "state", "status": status_of(inst).model_dump()})
+        for hook in self.on_change:
+            hook()
+
+    def _line(self, inst: Instance, line: str) -> None:
+        log.info("[%s] %s", inst.name, line)
+        self.events.publish({"event": "line", "name": inst.name, "line": line})
+
+
+def _launch_key(conf: InstanceConfig, config: Config) -> tuple[object, ...]:
+    """Everything that decides how an instance is launched; `source` does not."""
+    return (conf.model_copy(update={"source": None}), conf.argv(config.daemon),
+            config.daemon.user, config.daemon.log_lines)
+
+
+def status_of(inst: Instance) -> InstanceStatus:
+    conf = inst.config
+    return InstanceStatus(
+        name=inst.name,
+        state=str(inst.state),
+        reason=inst.reason,
+        pid=inst.pid,
+        host=conf.host,
+        port=conf.port,
+        endpoint=conf.endpoint(),
+        autostart=conf.autostart,
+        since=inst.since,
+        uptime_s=inst.uptime_s(),
+        restarts=inst.restarts,
+        last_exit=inst.last_exit,
+        gpus=conf.gpus,
+        diagnosis=inst.diagnosis,
+        last_lines=inst.last_lines,
+    )
