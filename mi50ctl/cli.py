@@ -12,6 +12,9 @@ def cli() -> None:
 
 
 # Commands are registered below, one module per area.
+from mi50ctl.build_cmd import build_llama  # noqa: E402
+
+cli.add_command(build_llama)
 
 
 def main() -> None:
