@@ -1,0 +1,71 @@
+"""Tiny real GGUF files for tests, written with the `gguf` package (never with our own reader's
+code, so the reader is checked against an independent writer)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+# Quantized tensors as (ggml type, bytes per block, elements per block), from the gguf package.
+QUANTIZED = [gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q8_0,
+             gguf.GGMLQuantizationType.Q4_K, gguf.GGMLQuantizationType.Q6_K,
+             gguf.GGMLQuantizationType.MXFP4, gguf.GGMLQuantizationType.IQ4_XS]
+
+
+def _quantized(qtype: gguf.GGMLQuantizationType, rows: int, cols: int) -> np.ndarray:
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    return np.zeros((rows, cols // block * size), dtype=np.uint8)
+
+
+def write_model(path: Path, *, n_layer: int = 2, n_embd: int = 256, n_head: int = 4,
+                n_head_kv: int = 2, n_vocab: int = 512, n_ctx_train: int = 4096,
+                qtype: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.Q8_0,
+                alignment: int | None = None) -> Path:
+    """A llama-architecture model GGUF with the tensors shapes the metadata implies."""
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_block_count(n_layer)
+    w.add_context_length(n_ctx_train)
+    w.add_embedding_length(n_embd)
+    w.add_feed_forward_length(n_embd * 2)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head_kv)
+    w.add_vocab_size(n_vocab)
+    w.add_array("tokenizer.ggml.tokens", [f"t{i}" for i in range(n_vocab)])
+    if alignment is not None:
+        w.add_custom_alignment(alignment)
+    head_dim = n_embd // n_head
+    w.add_tensor("token_embd.weight", _quantized(qtype, n_vocab, n_embd), raw_dtype=qtype)
+    for i in range(n_layer):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(n_embd, dtype=np.float32))
+        w.add_tensor(f"blk.{i}.attn_q.weight", _quantized(qtype, n_embd, n_embd), raw_dtype=qtype)
+        kv = _quantized(qtype, n_head_kv * head_dim, n_embd)
+        w.add_tensor(f"blk.{i}.attn_k.weight", kv, raw_dtype=qtype)
+        w.add_tensor(f"blk.{i}.attn_v.weight", kv, raw_dtype=qtype)
+        w.add_tensor(f"blk.{i}.ffn_up.weight", _quantized(qtype, n_embd * 2, n_embd),
+                     raw_dtype=qtype)
+    w.add_tensor("output_norm.weight", np.ones(n_embd, dtype=np.float32))
+    w.add_tensor("output.weight", np.zeros((n_vocab, n_embd), dtype=np.float16))
+    _finish(w)
+    return path
+
+
+def write_mmproj(path: Path) -> Path:
+    """An mmproj-like GGUF: `general.type = mmproj`, clip.* keys, a few vision tensors."""
+    w = gguf.GGUFWriter(path, "clip")
+    w.add_type("mmproj")
+    w.add_bool("clip.has_vision_encoder", True)
+    w.add_uint32("clip.vision.embedding_length", 64)
+    w.add_string("clip.projector_type", "qwen3vl_merger")
+    w.add_tensor("v.patch_embd.weight", np.zeros((64, 48), dtype=np.float16))
+    w.add_tensor("mm.0.weight", np.zeros((128, 64), dtype=np.float32))
+    _finish(w)
+    return path
+
+
+def _finish(w: gguf.GGUFWriter) -> None:
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
