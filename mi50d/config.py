@@ -237,7 +237,7 @@ def _describe(path: Path, exc: ValidationError, model: type[BaseModel]) -> list[
         elif kind == "missing":
             lines.append(f"{path.name}: {loc}: required key is missing; add `{loc} = ...`")
         else:
-            lines.append(f"{path.name}: {loc}: {err['msg']}")
+            lines.append(f"{path.name}: {loc}: {err['msg'].removeprefix('Value error, ')}")
     return lines
 
 

@@ -1,0 +1,87 @@
+#!/usr/bin/env python3
+"""A small scriptable stand-in for llama-server, for fault injection only (beside the real one).
+
+It takes llama-server's command line (only --host and --port matter) and behaves as the FAKE_*
+environment variables say, which tests set through an instance's `env` table:
+
+FAKE_LOAD_S        seconds of answering 503 "Loading model" before 200 (default 0)
+FAKE_FAIL_LOAD     print this line and exit 1 at the end of loading
+FAKE_EXIT_AFTER_S  seconds after ready to exit with FAKE_EXIT_CODE (default 1)
+FAKE_HANG_AFTER_S  seconds after ready to stop answering (connections accepted, never answered)
+FAKE_IGNORE_TERM   "1": ignore SIGTERM
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+
+
+def _arg(flag: str, default: str) -> str:
+    argv = sys.argv
+    return argv[argv.index(flag) + 1] if flag in argv else default
+
+
+def _answer(conn: socket.socket, status: str, body: str) -> None:
+    data = body.encode()
+    head = f"HTTP/1.1 {status}\r\nContent-Length: {len(data)}\r\nConnection: close\r\n\r\n"
+    try:
+        conn.recv(4096)
+        conn.sendall(head.encode() + data)
+    except OSError:
+        pass
+    finally:
+        conn.close()
+
+
+def main() -> None:
+    env = os.environ
+    if env.get("FAKE_IGNORE_TERM") == "1":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    host, port = _arg("--host", "127.0.0.1"), int(_arg("--port", "8080"))
+    srv = socket.create_server((host, port))
+    start = time.monotonic()
+    load_s = float(env.get("FAKE_LOAD_S", "0"))
+    print(f"fake llama-server: listening on {host}:{port}, loading for {load_s}s", flush=True)
+    ready_at: list[float] = []
+    hung = threading.Event()
+
+    def timers() -> None:
+        time.sleep(load_s)
+        if env.get("FAKE_FAIL_LOAD"):
+            print(env["FAKE_FAIL_LOAD"], flush=True)
+            os._exit(1)
+        ready_at.append(time.monotonic())
+        print("fake llama-server: model loaded", flush=True)
+        if "FAKE_HANG_AFTER_S" in env:
+            time.sleep(float(env["FAKE_HANG_AFTER_S"]))
+            print("fake llama-server: hanging now", flush=True)
+            hung.set()
+        if "FAKE_EXIT_AFTER_S" in env:
+            time.sleep(float(env["FAKE_EXIT_AFTER_S"]))
+            code = int(env.get("FAKE_EXIT_CODE", "1"))
+            print(f"fake llama-server: exiting with {code}", flush=True)
+            os._exit(code)
+
+    threading.Thread(target=timers, daemon=True).start()
+    held: list[socket.socket] = []
+    while True:
+        conn, _ = srv.accept()
+        if hung.is_set():
+            held.append(conn)  # never answered, like a wedged server
+            continue
+        if ready_at:
+            _answer(conn, "200 OK", '{"status":"ok"}')
+        else:
+            elapsed = time.monotonic() - start
+            _answer(conn, "503 Service Unavailable",
+                    '{"error":{"code":503,"message":"Loading model","type":"unavailable_error"}'
+                    f',"elapsed":{elapsed:.2f}}}')
+
+
+if __name__ == "__main__":
+    main()
