@@ -88,7 +88,7 @@ class InstanceSettings(_Model):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)]
     ctx_size: Annotated[int, Field(ge=0)] | None = None
-    n_gpu_layers: Annotated[int, Field(ge=0)] | Literal["auto", "all"] | None = None
+    n_gpu_layers: int | Literal["auto", "all"] | None = None
     flash_attn: Literal["on", "off", "auto"] | None = None
     jinja: bool = False
     threads: Annotated[int, Field(ge=1)] | None = None
@@ -108,6 +108,18 @@ class InstanceSettings(_Model):
     restart: RestartConfig = RestartConfig()
     health: HealthConfig = HealthConfig()
     stop: StopConfig = StopConfig()
+
+    @field_validator("n_gpu_layers", mode="before")
+    @classmethod
+    def _layers(cls, value: object) -> object:
+        if value is None or value in ("auto", "all") or (
+            isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        ):
+            return value
+        raise ValueError(
+            'use a number of layers (0 or more), "auto" or "all" '
+            '(in current llama.cpp -1 means "auto", not "all")'
+        )
 
     @model_validator(mode="after")
     def _one_gpu_selector(self) -> InstanceSettings:

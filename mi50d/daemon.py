@@ -7,6 +7,7 @@ validates the whole directory first and keeps the running set on any error.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import Callable
@@ -51,10 +52,8 @@ class Daemon:
             await self.reload_requested.wait()
             self.reload_requested.clear()
             log.info("reload_requested source=SIGHUP")
-            try:
+            with contextlib.suppress(ConfigError):  # logged in reload(); running set kept
                 await self.reload()
-            except ConfigError:
-                pass  # already logged; the running set is kept
 
 
 def install_signal_handlers(daemon: Daemon) -> None:

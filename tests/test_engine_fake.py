@@ -10,7 +10,6 @@ import pytest
 
 from tests.support import fake_daemon, fake_env, free_port, supervising, write_config
 
-
 pytestmark = pytest.mark.asyncio
 
 
