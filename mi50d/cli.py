@@ -6,7 +6,6 @@ Exit codes: 0 clean stop, 78 (EX_CONFIG) for a broken configuration, so systemd'
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
@@ -83,12 +82,8 @@ def main(config_dir: Path, socket_path: Path | None, check_config: bool, as_json
             _print_resolved(config)
         return
     _setup_logging(log_level)
+    import uvloop
+
     from mi50d.daemon import serve  # the event loop and everything under it
 
-    try:
-        import uvloop
-
-        runner = uvloop.run
-    except ImportError:  # pragma: no cover - uvloop is a hard dependency; be graceful anyway
-        runner = asyncio.run
-    runner(serve(config, socket_path or config.daemon.socket))
+    uvloop.run(serve(config, socket_path or config.daemon.socket))
