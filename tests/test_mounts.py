@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mi50d.mounts import (
     MountinfoError,
@@ -17,6 +22,7 @@ from mi50d.mounts import (
     read_mounts,
     unescape,
 )
+from mi50d.mountunits import ensure_mounted, escape_path, mount_unit
 from tests.realmounts import ntfs, tmpfs
 
 MOUNTINFO = Path("/proc/self/mountinfo")
@@ -94,3 +100,93 @@ def test_unescape_and_bad_lines() -> None:
 def test_real_root_mount_found() -> None:
     m = mount_of(os.getcwd(), read_mounts(MOUNTINFO))
     assert str(m.mount_point) in os.getcwd()
+
+
+# --- mi50d.mountunits: systemd path escaping and the D-Bus conversation -------------------------
+
+SYSTEMD_ESCAPE = shutil.which("systemd-escape")
+needs_escape = pytest.mark.skipif(SYSTEMD_ESCAPE is None, reason="systemd-escape not installed")
+
+
+def real_escape(path: str) -> str:
+    assert SYSTEMD_ESCAPE is not None
+    done = subprocess.run([SYSTEMD_ESCAPE, "--path", "--", path], capture_output=True,
+                          text=True, check=True)
+    return done.stdout.rstrip("\n")
+
+
+@needs_escape
+@pytest.mark.parametrize("path", [
+    "/", "//", "/./", "/mnt/ssd", "/mnt/ssd/", "/mnt//my disk", "/mnt/.hidden", "/.hidden",
+    "/mnt/a-b", "/mnt/ü", "/mnt/./x", "/mnt/a\\b", "/mnt/x:y_z.w", "/mnt/$x", "/media/USB 1/",
+    "/mnt/-lead", "/srv/模型",
+])
+def test_escape_matches_systemd_escape(path: str) -> None:
+    assert escape_path(path) == real_escape(path)
+
+
+_component = st.text(
+    alphabet=st.sampled_from([*"abcXYZ019-_.:\\ \t~%@ü模", "é"]), min_size=1, max_size=8
+).filter(lambda c: c != "..")
+
+
+@needs_escape
+@settings(max_examples=150, deadline=None)
+@given(st.lists(_component, min_size=0, max_size=4), st.booleans())
+def test_escape_matches_systemd_escape_generated(parts: list[str], trailing: bool) -> None:
+    path = "/" + "/".join(parts) + ("/" if trailing else "")
+    assert escape_path(path) == real_escape(path)
+
+
+def test_escape_refuses_relative_and_dotdot() -> None:
+    with pytest.raises(ValueError):
+        escape_path("mnt/ssd")
+    with pytest.raises(ValueError):
+        escape_path("/mnt/../ssd")
+    assert mount_unit(Path("/mnt/ssd")) == "mnt-ssd.mount"
+
+
+def test_mounted_path_needs_no_dbus(tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "ssd") as point:
+        check = ensure_mounted(point, lambda: read_mounts(MOUNTINFO),
+                               bus_address="unix:path=/nonexistent/bus", timeout_s=5)
+        assert check.status == "ok", check.line()
+
+
+@pytest.fixture
+def session_bus(tmp_path: Path) -> Iterator[str]:
+    """A real dbus-daemon with a private bus: D-Bus works, systemd is not on it."""
+    daemon = shutil.which("dbus-daemon")
+    if daemon is None:
+        pytest.skip("dbus-daemon not installed")
+    proc = subprocess.Popen([daemon, "--session", "--nofork", "--print-address=1",
+                             f"--address=unix:path={tmp_path}/bus"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        yield proc.stdout.readline().strip()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def test_missing_mount_without_systemd_on_the_bus_fails_with_the_unit(
+        tmp_path: Path, session_bus: str) -> None:
+    point = tmp_path / "ssd"
+    point.mkdir()
+    check = ensure_mounted(point, lambda: read_mounts(MOUNTINFO), bus_address=session_bus,
+                           timeout_s=10)
+    unit = mount_unit(point)
+    assert check.status == "fail"
+    assert "systemd cannot be asked over D-Bus" in check.message
+    assert "org.freedesktop.systemd1" in check.message  # the bus's own ServiceUnknown error
+    assert check.fix is not None and f"systemctl start {unit}" in check.fix
+    assert check.data["unit"] == unit
+
+
+def test_missing_mount_without_any_bus(tmp_path: Path) -> None:
+    check = ensure_mounted(tmp_path, lambda: read_mounts(MOUNTINFO),
+                           bus_address=f"unix:path={tmp_path}/no-bus", timeout_s=5)
+    assert check.status == "fail" and "D-Bus" in check.message
