@@ -22,8 +22,9 @@ def _quantized(qtype: gguf.GGMLQuantizationType, rows: int, cols: int) -> np.nda
 def write_model(path: Path, *, n_layer: int = 2, n_embd: int = 256, n_head: int = 4,
                 n_head_kv: int = 2, n_vocab: int = 512, n_ctx_train: int = 4096,
                 qtype: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.Q8_0,
-                alignment: int | None = None) -> Path:
-    """A llama-architecture model GGUF with the tensors shapes the metadata implies."""
+                alignment: int | None = None, tied: bool = False) -> Path:
+    """A llama-architecture model GGUF with the tensor shapes its metadata implies; `tied`
+    leaves out output.weight (the output reuses token_embd)."""
     w = gguf.GGUFWriter(path, "llama")
     w.add_block_count(n_layer)
     w.add_context_length(n_ctx_train)
@@ -46,7 +47,8 @@ def write_model(path: Path, *, n_layer: int = 2, n_embd: int = 256, n_head: int 
         w.add_tensor(f"blk.{i}.ffn_up.weight", _quantized(qtype, n_embd * 2, n_embd),
                      raw_dtype=qtype)
     w.add_tensor("output_norm.weight", np.ones(n_embd, dtype=np.float32))
-    w.add_tensor("output.weight", np.zeros((n_vocab, n_embd), dtype=np.float16))
+    if not tied:
+        w.add_tensor("output.weight", np.zeros((n_vocab, n_embd), dtype=np.float16))
     _finish(w)
     return path
 
