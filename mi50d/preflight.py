@@ -1,0 +1,305 @@
+"""Preflight: everything the seed guide's troubleshooting made people check by hand, checked
+before every launch of an instance, each result one line with its fix.
+
+`run_preflight` returns a list of `Check`s and never raises; the supervisor runs it in a worker
+thread (it reads files, starts short children and may wait on systemd) and refuses to start the
+instance if any check failed. Access is checked as the account the instance runs as
+(`mi50d.access`). The order matters: required mounts come first, since starting a mount unit
+can make a "missing" model appear.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import socket
+import stat
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mi50d import gpus as gpumod
+from mi50d.access import account_name, check_access, run_as
+from mi50d.checks import Check, fail, ok, skip, warn
+from mi50d.config import DaemonConfig, InstanceConfig
+from mi50d.diagnose import diagnose_line
+from mi50d.ggufmeta import GGUFError, GGUFInfo, read_gguf
+from mi50d.mounts import MountinfoError, foreign_hint, mount_of, noexec_fix, read_mounts
+from mi50d.mountunits import ensure_mounted
+from mi50d.process import Account
+from mi50d.vram import check_fit, estimate
+
+VERSION_TIMEOUT_S = 30.0
+DEVICES_TIMEOUT_S = 60.0
+TENSILE_DROPPED = (6, 4)  # the first ROCm whose rocBLAS ships no gfx906 Tensile files
+_DEVICE_LINE = re.compile(r"^\s+(?P<name>\S+): (?P<desc>.*?) \((?P<total>\d+) MiB, "
+                          r"(?P<free>\d+) MiB free\)")
+
+
+@dataclass(frozen=True)
+class Other:
+    """Another instance as the supervisor knows it now: its address, and the VRAM it holds per
+    GPU index (measured from its log, or estimated while it loads; empty when not running)."""
+
+    name: str
+    host: str
+    port: int
+    running: bool = False
+    vram: Mapping[int, int] = field(default_factory=dict)
+
+
+def expects_gpu(inst: InstanceConfig) -> bool:
+    """`n_gpu_layers = 0` is the explicit choice to run on the CPU; anything else wants GPUs."""
+    return inst.n_gpu_layers != 0
+
+
+def run_preflight(inst: InstanceConfig, daemon: DaemonConfig, account: Account | None,
+                  others: Sequence[Other] = (), *, bus_address: str | None = None,
+                  run_binary: bool = True) -> list[Check]:
+    """All checks for starting `inst` as `account` (None: as this process) next to `others`."""
+    checks = [ensure_mounted(p, lambda: read_mounts(daemon.host.mountinfo),
+                             bus_address=bus_address, name=f"mount {p}")
+              for p in inst.requires_mounts]
+    checks += _binary(inst, daemon, account, run_binary)
+    model_check, model = _gguf(inst.model, "model", daemon, account, want_mmproj=False)
+    checks.append(model_check)
+    mmproj_size = 0
+    if inst.mmproj is not None:
+        mmproj_check, mmproj = _gguf(inst.mmproj, "mmproj", daemon, account, want_mmproj=True)
+        checks.append(mmproj_check)
+        mmproj_size = mmproj.file_size if mmproj else 0
+    checks.append(_port(inst, account, others))
+    selected: list[gpumod.Gpu] = []
+    if expects_gpu(inst):
+        gpu_check, selected = _gpus(inst, daemon)
+        checks.append(gpu_check)
+        if selected:
+            checks.append(_device_access(selected, daemon, account))
+            checks.append(_rocblas(selected, daemon))
+    if selected and model is not None:
+        est = estimate(inst, model, mmproj_size, n_gpus=len(selected))
+        held = {o.name: o.vram for o in others if o.name != inst.name and o.vram}
+        checks.append(check_fit(est, selected, held, force=inst.force_vram))
+    return checks
+
+
+def _mount_note(path: Path, daemon: DaemonConfig) -> tuple[bool, str | None]:
+    """(noexec?, the remount fix) for the mount holding `path`."""
+    try:
+        m = mount_of(path, read_mounts(daemon.host.mountinfo))
+    except (OSError, MountinfoError):
+        return False, None
+    return m.noexec, noexec_fix(m) if m.noexec else None
+
+
+def _binary(inst: InstanceConfig, daemon: DaemonConfig, account: Account | None,
+            run_binary: bool) -> list[Check]:
+    binary = inst.binary(daemon)
+    user = account_name(account)
+    try:
+        st = binary.stat()
+    except OSError as exc:
+        return [fail("binary", f"{binary}: {exc.strerror}",
+                     "build it with mi50ctl build-llama, or set llama_server in mi50d.toml")]
+    if not stat.S_ISREG(st.st_mode):
+        return [fail("binary", f"{binary} is not a regular file", "point llama_server at the "
+                     "llama-server executable")]
+    noexec, fix = _mount_note(binary, daemon)
+    if noexec:
+        return [fail("binary", f"{binary} is on a noexec mount", fix)]
+    (denied,) = check_access(account, [(binary, "x")])
+    if denied:
+        return [fail("binary", f"{user} cannot execute {binary}: {denied}",
+                     f"chmod 755 {binary} and make its directories searchable (o+x) for {user}")]
+    if not run_binary:
+        return [ok("binary", f"{binary} is executable by {user}")]
+    env = inst.environment(os.environ)
+    version = run_as(account, [str(binary), "--version"], env, VERSION_TIMEOUT_S)
+    if not version.ok:
+        known = diagnose_line(version.output)
+        return [fail("binary", f"{binary} --version failed: {version.last_line()}",
+                     known.fix if known else f"run {binary} --version as {user} to see why")]
+    checks = [ok("binary", f"{binary} runs: {version.output.strip().splitlines()[0]}",
+                 version=version.output.strip())]
+    if expects_gpu(inst):
+        checks.append(_listed_devices(inst, daemon, account, binary, env))
+    return checks
+
+
+def parse_devices(output: str) -> list[dict[str, object]]:
+    """`llama-server --list-devices` lines like "  ROCm0: AMD Instinct MI50/MI60 (16368 MiB,
+    16348 MiB free)" as dicts; [] for "(none)"."""
+    found: list[dict[str, object]] = []
+    for line in output.splitlines():
+        m = _DEVICE_LINE.match(line)
+        if m:
+            found.append({"name": m["name"], "description": m["desc"],
+                          "total_mib": int(m["total"]), "free_mib": int(m["free"])})
+    return found
+
+
+def _listed_devices(inst: InstanceConfig, daemon: DaemonConfig, account: Account | None,
+                    binary: Path, env: Mapping[str, str]) -> Check:
+    done = run_as(account, [str(binary), "--list-devices"], env, DEVICES_TIMEOUT_S)
+    devices = parse_devices(done.output)
+    wanted = len(inst.gpus) if inst.gpus is not None else len(gpumod.list_gpus(daemon.host))
+    if not done.ok:
+        return fail("devices", f"{binary} --list-devices failed: {done.last_line()}",
+                    "run it by hand to see why; mi50ctl doctor checks the host")
+    if not devices:
+        return fail("devices", f"{binary} sees no GPU (a CPU-only build, or no ROCm device "
+                    "visible): it would run on the CPU", "build with HIP: mi50ctl build-llama "
+                    "--targets gfx906; or set n_gpu_layers = 0 to run on the CPU on purpose",
+                    devices=devices)
+    if len(devices) < wanted:
+        return fail("devices", f"llama-server sees {len(devices)} of the {wanted} GPUs asked for",
+                    "check device access (mi50ctl doctor) and the instance's gpus",
+                    devices=devices)
+    names = ", ".join(str(d["name"]) for d in devices)
+    return ok("devices", f"llama-server sees {names}", devices=devices)
+
+
+def _gguf(path: Path, name: str, daemon: DaemonConfig, account: Account | None,
+          want_mmproj: bool) -> tuple[Check, GGUFInfo | None]:
+    user = account_name(account)
+    if not path.exists():
+        return fail(name, f"{path} does not exist", "fix the path; if it is on a disk that "
+                    "mounts late, add requires_mounts = [\"/its/mount/point\"]"), None
+    (denied,) = check_access(account, [(path, "r")])
+    if denied:
+        return fail(name, f"{user} cannot read {path}: {denied}",
+                    _read_fix(path, account, daemon)), None
+    try:
+        info = read_gguf(path)
+    except GGUFError as exc:
+        return fail(name, f"{path}: {exc}", "download or copy it again"), None
+    except OSError as exc:
+        return fail(name, f"{path}: {exc.strerror}", "check the disk (dmesg)"), None
+    if info.is_mmproj and not want_mmproj:
+        return fail(name, f"{path} is an mmproj (vision projector), not a model",
+                    "swap model and mmproj in the instance file"), None
+    if want_mmproj and not info.is_mmproj:
+        return fail(name, f"{path} is a model ({info.architecture}), not an mmproj",
+                    "swap model and mmproj in the instance file"), None
+    kind = "mmproj" if info.is_mmproj else info.architecture
+    return ok(name, f"{path.name}: GGUF v{info.version} {kind}, {len(info.tensors)} tensors, "
+              "complete", size=info.file_size), info
+
+
+def _read_fix(path: Path, account: Account | None, daemon: DaemonConfig) -> str:
+    uid = account.uid if account else os.getuid()
+    gid = account.gid if account else os.getgid()
+    try:
+        st = path.stat()
+        m = mount_of(path, read_mounts(daemon.host.mountinfo))
+    except (OSError, MountinfoError):
+        return f"make it readable: chmod o+r {path}"
+    return foreign_hint(m, uid, gid, st) or (
+        f"chgrp {gid} {path} && chmod g+r {path} (or chmod o+r), and make each directory "
+        f"above it searchable (o+x)")
+
+
+def _port(inst: InstanceConfig, account: Account | None, others: Sequence[Other]) -> Check:
+    for o in others:
+        if o.name != inst.name and o.port == inst.port:
+            state = "running" if o.running else "configured"
+            return fail("port", f"port {inst.port} belongs to instance {o.name} ({state})",
+                        "give one of them another port")
+    uid = account.uid if account else os.geteuid()
+    lowest = _unprivileged_port_start()
+    if inst.port < lowest and uid != 0:
+        return fail("port", f"port {inst.port} is below {lowest}: only root may bind it",
+                    f"use a port >= {lowest}")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            inst.host, inst.port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as s:
+            # as llama-server's HTTP library does: only a listener blocks, not TIME_WAIT
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(address)
+    except socket.gaierror as exc:
+        return fail("port", f"host {inst.host!r} does not resolve: {exc.strerror}",
+                    "set host to an address of this machine, e.g. 127.0.0.1")
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            return fail("port", f"port {inst.port} on {inst.host} is in use by another process",
+                        f"ss -ltnp 'sport = :{inst.port}' shows which; stop it or change port")
+        return fail("port", f"cannot bind {inst.host}:{inst.port}: {exc.strerror}",
+                    "set host to an address of this machine")
+    return ok("port", f"{inst.host}:{inst.port} is free")
+
+
+def _unprivileged_port_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text())
+    except (OSError, ValueError):
+        return 1024
+
+
+def _gpus(inst: InstanceConfig, daemon: DaemonConfig) -> tuple[Check, list[gpumod.Gpu]]:
+    found = gpumod.list_gpus(daemon.host)
+    if not found:
+        return fail("gpus", "no GPU in the KFD topology (amdgpu driver not loaded?)",
+                    "check dmesg | grep amdgpu and modprobe amdgpu; or set n_gpu_layers = 0 "
+                    "to run on the CPU"), []
+    wanted = list(inst.gpus) if inst.gpus is not None else [g.index for g in found]
+    missing = [i for i in wanted if i >= len(found)]
+    if missing:
+        return fail("gpus", f"gpus = {wanted} but this host has GPUs 0-{len(found) - 1}",
+                    "use indices from mi50ctl doctor's GPU list"), []
+    selected = [found[i] for i in wanted]
+    desc = ", ".join(f"GPU {g.index} {g.gfx}" for g in selected)
+    other = [g for g in selected if not g.is_mi50]
+    if other:
+        g = other[0]
+        return warn("gpus", f"{desc}: GPU {g.index} is {g.gfx}, not an MI50 (gfx906)",
+                    f"make sure the build includes {g.gfx}: mi50ctl build-llama --targets "
+                    f"gfx906,{g.gfx}"), selected
+    return ok("gpus", desc), selected
+
+
+def _device_access(selected: Sequence[gpumod.Gpu], daemon: DaemonConfig,
+                   account: Account | None) -> Check:
+    user = account_name(account)
+    nodes = [daemon.host.dev_root / "kfd", *(g.render_node for g in selected)]
+    absent = [n for n in nodes if not n.exists()]
+    if absent:
+        return fail("device access", f"{absent[0]} does not exist",
+                    "load the amdgpu driver (modprobe amdgpu) and check dmesg")
+    denied = [(n, e) for n, e in zip(nodes, check_access(account, [(n, "rw") for n in nodes]),
+                                     strict=True) if e]
+    if denied:
+        node, why = denied[0]
+        st = node.stat()
+        return fail("device access", f"{user} cannot open {node} ({why}; mode "
+                    f"{stat.filemode(st.st_mode)} gid {st.st_gid})",
+                    f"usermod -aG render,video {user}, and a udev rule giving {node.name} "
+                    "group render mode 0660")
+    return ok("device access", f"{user} can open {', '.join(str(n) for n in nodes)}")
+
+
+def _rocblas(selected: Sequence[gpumod.Gpu], daemon: DaemonConfig) -> Check:
+    if not any(g.is_mi50 for g in selected):
+        return skip("rocblas", "no gfx906 GPU selected")
+    return rocblas_check(daemon)
+
+
+def rocblas_check(daemon: DaemonConfig) -> Check:
+    """rocBLAS's gfx906 Tensile files: ROCm >= 6.4 dropped them, and a HIP llama-server then
+    aborts with "Cannot read TensileLibrary.dat" at its first matrix multiply."""
+    host = daemon.host
+    version = gpumod.rocm_version(host)
+    shown = ".".join(map(str, version)) if version else "unknown"
+    files = gpumod.tensile_files(host)
+    library = host.rocm_path / "lib" / "rocblas" / "library"
+    if files:
+        return ok("rocblas", f"{len(files)} gfx906 Tensile files in {library} (ROCm {shown})")
+    if version is None and not library.is_dir():
+        return fail("rocblas", f"no ROCm at {host.rocm_path}", "install ROCm 7.x (amdgpu-install "
+                    "--usecase=rocm), or set host.rocm_path in mi50d.toml")
+    dropped = " (ROCm >= 6.4 ships none)" if version and version >= TENSILE_DROPPED else ""
+    return fail("rocblas", f"rocBLAS in ROCm {shown} has no gfx906 Tensile files{dropped}: "
+                "llama-server would abort with \"Cannot read TensileLibrary.dat\"",
+                f"copy the *gfx906* files of a rocBLAS built for gfx906 (or ROCm 6.3's) into "
+                f"{library}")

@@ -1,0 +1,261 @@
+"""mi50d.preflight with real files, permissions, mounts and the real llama-server; the GPU side
+on the recorded two-MI50 trees with a device directory of real files and real modes."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import socket
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import pytest
+
+from mi50d.checks import Check
+from mi50d.config import DaemonConfig, InstanceConfig
+from mi50d.preflight import Other, parse_devices, run_preflight
+from mi50d.process import Account
+from tests.ggufwriter import write_mmproj, write_model
+from tests.realbinary import llama_server
+from tests.realmounts import ntfs, tmpfs
+
+HOSTS = Path(__file__).parent / "fixtures" / "hosts"
+VIDEO_GID = 44
+
+
+def nobody(*groups: int) -> Account:
+    pw = pwd.getpwnam("nobody")
+    return Account(name="nobody", uid=pw.pw_uid, gid=pw.pw_gid, groups=(pw.pw_gid, *groups))
+
+
+def script(path: Path, mode: int = 0o755) -> Path:
+    path.write_text("#!/bin/sh\necho 'version: 1 (test)'\n")
+    path.chmod(mode)
+    return path
+
+
+def inst(model: Path, **keys: object) -> InstanceConfig:
+    data: dict[str, object] = {"model": model, "port": free_port(), "n_gpu_layers": 0,
+                               "name": "t", "source": model.parent / "t.toml"}
+    return InstanceConfig.model_validate({**data, **keys})
+
+
+def daemon(binary: Path, host: Mapping[str, object] | None = None) -> DaemonConfig:
+    return DaemonConfig.model_validate({"llama_server": binary, "host": host or {}})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def by_name(checks: list[Check]) -> dict[str, Check]:
+    return {c.name: c for c in checks}
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[Path]:
+    """A readable directory tree for nobody: tmp_path's parents are root-only on some hosts."""
+    root = Path("/tmp") / f"mi50d-preflight-{os.getpid()}-{tmp_path.name}"
+    root.mkdir(mode=0o755)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def test_all_ok_for_a_cpu_instance_as_nobody(world: Path) -> None:
+    model = write_model(world / "m.gguf")
+    model.chmod(0o644)
+    checks = run_preflight(inst(model), daemon(script(world / "llama-server")), nobody())
+    assert [(c.name, c.status) for c in checks] == [
+        ("binary", "ok"), ("model", "ok"), ("port", "ok")], [c.line() for c in checks]
+    assert "version: 1 (test)" in checks[0].message
+
+
+def test_binary_on_a_noexec_mount(world: Path) -> None:
+    model = write_model(world / "m.gguf")
+    with tmpfs(world / "ssd", "noexec") as point:
+        binary = script(point / "llama-server")
+        check = by_name(run_preflight(inst(model), daemon(binary), nobody()))["binary"]
+    assert check.status == "fail" and check.message == f"{binary} is on a noexec mount"
+    assert check.fix is not None and f"mount -o remount,exec {point}" in check.fix
+
+
+def test_binary_not_executable_by_the_account(world: Path) -> None:
+    binary = script(world / "llama-server", 0o700)
+    check = by_name(run_preflight(inst(write_model(world / "m.gguf")), daemon(binary),
+                                  nobody()))["binary"]
+    assert check.status == "fail"
+    assert check.message == f"nobody cannot execute {binary}: Permission denied"
+    # the daemon itself (root) could: the check really ran as nobody
+    assert by_name(run_preflight(inst(world / "m.gguf"), daemon(binary), None))[
+        "binary"].status == "ok"
+
+
+def test_model_of_another_uid_mode_0600_is_unreadable_for_nobody(world: Path) -> None:
+    model = write_model(world / "m.gguf")
+    os.chown(model, 1234, 1234)
+    model.chmod(0o600)
+    check = by_name(run_preflight(inst(model), daemon(script(world / "s")), nobody()))["model"]
+    assert check.status == "fail"
+    assert check.message == f"nobody cannot read {model}: Permission denied"
+    assert check.fix is not None and "chmod g+r" in check.fix
+    model.chmod(0o604)
+    ok = by_name(run_preflight(inst(model), daemon(script(world / "s")), nobody()))["model"]
+    assert ok.status == "ok", ok.line()
+
+
+def test_model_on_ntfs_with_a_root_only_umask(world: Path) -> None:
+    source = write_model(world / "m.gguf")
+    with ntfs(world / "ssd", world / "ntfs.img", "uid=0,gid=0,umask=077") as point:
+        model = point / "m.gguf"
+        shutil.copyfile(source, model)
+        check = by_name(run_preflight(inst(model), daemon(script(world / "s")), nobody()))[
+            "model"]
+        assert check.status == "fail" and "Permission denied" in check.message
+        assert check.fix is not None
+        assert check.fix.startswith(f"{point} is fuseblk")
+        assert "uid 0 gid 0 mode 700" in check.fix and "uid=65534,gid=65534,umask=022" in check.fix
+
+
+def test_truncated_missing_and_swapped_files(world: Path) -> None:
+    binary = daemon(script(world / "s"))
+    full = write_model(world / "m.gguf")
+    cut = world / "cut.gguf"
+    cut.write_bytes(full.read_bytes()[:-1000])
+    check = by_name(run_preflight(inst(cut), binary, nobody()))["model"]
+    assert check.status == "fail" and "truncated" in check.message and "missing" in check.message
+    gone = by_name(run_preflight(inst(world / "gone.gguf"), binary, nobody()))["model"]
+    assert gone.status == "fail" and gone.fix is not None and "requires_mounts" in gone.fix
+    mmproj = write_mmproj(world / "mmproj-F16.gguf")
+    swapped = by_name(run_preflight(inst(mmproj, mmproj=full), binary, nobody()))
+    assert swapped["model"].message == f"{mmproj} is an mmproj (vision projector), not a model"
+    assert swapped["mmproj"].message == f"{full} is a model (llama), not an mmproj"
+    right = by_name(run_preflight(inst(full, mmproj=mmproj), binary, nobody()))
+    assert right["model"].status == right["mmproj"].status == "ok"
+
+
+def test_port_taken_by_a_process_or_another_instance(world: Path) -> None:
+    model, binary = write_model(world / "m.gguf"), daemon(script(world / "s"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        check = by_name(run_preflight(inst(model, port=port), binary, nobody()))["port"]
+    assert check.status == "fail"
+    assert check.message == f"port {port} on 127.0.0.1 is in use by another process"
+    other = Other("gpt-oss-20b", "127.0.0.1", port, running=True)
+    check = by_name(run_preflight(inst(model, port=port), binary, nobody(), [other]))["port"]
+    assert check.message == f"port {port} belongs to instance gpt-oss-20b (running)"
+    low = by_name(run_preflight(inst(model, port=80), binary, nobody()))["port"]
+    assert low.status == "fail" and "only root" in low.message
+
+
+def test_requires_mounts(world: Path) -> None:
+    model, binary = write_model(world / "m.gguf"), daemon(script(world / "s"))
+    with tmpfs(world / "ssd", "exec") as point:
+        check = by_name(run_preflight(inst(model, requires_mounts=[point]), binary,
+                                      nobody()))[f"mount {point}"]
+        assert check.status == "ok"
+    (world / "late").mkdir()
+    late = by_name(run_preflight(inst(model, requires_mounts=[world / "late"]), binary,
+                                 nobody(), bus_address=f"unix:path={world}/no-bus"))
+    assert late[f"mount {world / 'late'}"].status == "fail"
+
+
+# --- GPUs: recorded sysfs trees, real device files with real modes -----------------------------
+
+def gpu_host(world: Path, tree: str = "two-mi50", dev_mode: int = 0o660) -> dict[str, object]:
+    dev = world / "dev"
+    (dev / "dri").mkdir(parents=True, exist_ok=True)
+    for node in (dev / "kfd", dev / "dri" / "renderD128", dev / "dri" / "renderD129"):
+        node.touch()
+        os.chown(node, 0, VIDEO_GID)
+        node.chmod(dev_mode)
+    return {"sysfs_root": HOSTS / tree / "sys", "dev_root": dev,
+            "rocm_path": HOSTS / tree / "opt" / "rocm"}
+
+
+def test_gpu_checks_pass_with_the_video_group(world: Path) -> None:
+    model = write_model(world / "m.gguf")
+    cfg = daemon(script(world / "s"), gpu_host(world))
+    checks = by_name(run_preflight(inst(model, n_gpu_layers="all", gpus=[1]), cfg,
+                                   nobody(VIDEO_GID), run_binary=False))
+    assert checks["gpus"].message == "GPU 1 gfx906"
+    assert checks["device access"].status == "ok"
+    assert checks["rocblas"].status == "ok"
+    assert checks["vram"].status == "ok", checks["vram"].line()
+
+
+def test_device_nodes_closed_to_the_account(world: Path) -> None:
+    cfg = daemon(script(world / "s"), gpu_host(world))
+    check = by_name(run_preflight(inst(write_model(world / "m.gguf"), n_gpu_layers=None), cfg,
+                                  nobody(), run_binary=False))["device access"]
+    assert check.status == "fail"
+    assert check.message.startswith(f"nobody cannot open {world}/dev/kfd (Permission denied")
+    assert check.fix is not None and "usermod -aG render,video nobody" in check.fix
+
+
+def test_missing_tensile_files_and_unknown_gpu_index(world: Path) -> None:
+    model = write_model(world / "m.gguf")
+    cfg = daemon(script(world / "s"), gpu_host(world, "two-mi50-no-tensile"))
+    checks = by_name(run_preflight(inst(model, n_gpu_layers=None), cfg, nobody(VIDEO_GID),
+                                   run_binary=False))
+    assert checks["rocblas"].status == "fail"
+    assert "ROCm 7.0.2 has no gfx906 Tensile files (ROCm >= 6.4 ships none)" in checks[
+        "rocblas"].message
+    assert "TensileLibrary.dat" in checks["rocblas"].message
+    bad = by_name(run_preflight(inst(model, n_gpu_layers=None, gpus=[2]), cfg, nobody(VIDEO_GID),
+                                run_binary=False))["gpus"]
+    assert bad.message == "gpus = [2] but this host has GPUs 0-1"
+
+
+def test_vram_refused_on_the_busy_16_gb_gpu(world: Path) -> None:
+    # 2 layers * 2 kv heads * (64 + 64) * 2 bytes = 1 KiB per token: 4M tokens need 4 GiB of KV
+    model = write_model(world / "m.gguf")
+    cfg = daemon(script(world / "s"), gpu_host(world))
+    big = inst(model, n_gpu_layers=None, gpus=[0], ctx_size=4 * 1024 * 1024)
+    other = Other("gpt-oss-20b", "127.0.0.1", 1, running=True, vram={0: 13 << 30})
+    check = by_name(run_preflight(big, cfg, nobody(VIDEO_GID), [other], run_binary=False))["vram"]
+    assert check.status == "fail"
+    assert check.message.startswith("needs ~4.")
+    assert check.message.endswith("GPU 0 has 2.5 GiB free; gpt-oss-20b holds 13.0 GiB")
+    forced = inst(model, n_gpu_layers=None, gpus=[0], ctx_size=4 * 1024 * 1024, force_vram=True)
+    check = by_name(run_preflight(forced, cfg, nobody(VIDEO_GID), [other], run_binary=False))[
+        "vram"]
+    assert check.status == "warn"
+    roomy = inst(model, n_gpu_layers=None, gpus=[1], ctx_size=4 * 1024 * 1024)
+    assert by_name(run_preflight(roomy, cfg, nobody(VIDEO_GID), [other], run_binary=False))[
+        "vram"].status == "ok"
+
+
+def test_no_kfd_means_no_gpu(world: Path) -> None:
+    cfg = daemon(script(world / "s"), {"sysfs_root": world})
+    check = by_name(run_preflight(inst(write_model(world / "m.gguf"), n_gpu_layers=None), cfg,
+                                  nobody(), run_binary=False))["gpus"]
+    assert check.status == "fail" and "n_gpu_layers = 0" in (check.fix or "")
+
+
+# --- the real llama-server ---------------------------------------------------------------------
+
+@pytest.mark.llama
+def test_real_binary_runs_and_its_cpu_build_lists_no_gpu(world: Path) -> None:
+    real = llama_server()
+    model = write_model(world / "m.gguf")
+    cpu = by_name(run_preflight(inst(model), daemon(real), None))
+    assert cpu["binary"].status == "ok" and "version:" in cpu["binary"].message
+    gpu = by_name(run_preflight(inst(model, n_gpu_layers=None), daemon(real), None))
+    assert gpu["devices"].status == "fail"
+    assert "sees no GPU" in gpu["devices"].message
+
+
+def test_parse_list_devices() -> None:
+    out = ("Available devices:\n"
+           "  ROCm0: AMD Instinct MI50/MI60 (16368 MiB, 16348 MiB free)\n"
+           "  ROCm1: AMD Instinct MI50/MI60 (32752 MiB, 32732 MiB free)\n")
+    devices = parse_devices(out)
+    assert [d["name"] for d in devices] == ["ROCm0", "ROCm1"]
+    assert devices[1]["total_mib"] == 32752
+    assert parse_devices("Available devices:\n  (none)\n") == []
