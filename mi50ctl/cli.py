@@ -5,16 +5,32 @@ from __future__ import annotations
 
 import click
 
+from mi50ctl.client import Client
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def cli() -> None:
+@click.option("--socket", "socket_path", envvar="MI50D_SOCKET", metavar="PATH",
+              help="mi50d's control socket (default: `socket` in /etc/mi50d/mi50d.toml, else "
+                   "/run/mi50d/control.sock or /run/mi50d.sock).")
+@click.pass_context
+def cli(ctx: click.Context, socket_path: str | None) -> None:
     """Control mi50d, the llama-server supervisor for AMD MI50 GPUs."""
+    ctx.obj = Client(socket_path)
 
 
 # Commands are registered below, one module per area.
 from mi50ctl.build_cmd import build_llama  # noqa: E402
 
 cli.add_command(build_llama)
+
+from mi50ctl.ctl_cmd import logs, reload, restart, start, status, stop  # noqa: E402
+
+cli.add_command(status)
+cli.add_command(start)
+cli.add_command(stop)
+cli.add_command(restart)
+cli.add_command(reload)
+cli.add_command(logs)
 
 
 def main() -> None:

@@ -1,7 +1,8 @@
 """mi50d's command line: the only place that parses argv, renders errors and exits.
 
 Exit codes: 0 clean stop, 78 (EX_CONFIG) for a broken configuration, so systemd's
-`RestartPreventExitStatus=78` does not loop on it.
+`RestartPreventExitStatus=78` does not loop on it; 73 (EX_CANTCREAT) when the control socket
+cannot be created (another mi50d listens there, or the path is not usable).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from mi50d import __version__
 from mi50d.config import DEFAULT_CONFIG_DIR, Config, ConfigError, load_config
 
 EX_CONFIG = 78
+EX_CANTCREAT = 73
 
 
 def _setup_logging(level: str) -> None:
@@ -84,6 +86,11 @@ def main(config_dir: Path, socket_path: Path | None, check_config: bool, as_json
     _setup_logging(log_level)
     import uvloop
 
+    from mi50d.control import ControlSocketError
     from mi50d.daemon import serve  # the event loop and everything under it
 
-    uvloop.run(serve(config, socket_path or config.daemon.socket))
+    try:
+        uvloop.run(serve(config, socket_path or config.daemon.socket))
+    except ControlSocketError as exc:
+        click.echo(f"mi50d: {exc}", err=True)
+        sys.exit(EX_CANTCREAT)

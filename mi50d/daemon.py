@@ -1,7 +1,9 @@
-"""serve(config): signals, supervisor and reloads in one TaskGroup, and the shutdown sequence.
+"""serve(config): signals, supervisor, control socket, systemd notifications and reloads in one
+TaskGroup, and the shutdown sequence.
 
-Signal handlers only set events: SIGTERM/SIGINT -> stop, SIGHUP -> reload. A reload reads and
-validates the whole directory first and keeps the running set on any error.
+Signal handlers only set events: SIGTERM/SIGINT -> stop, SIGHUP -> reload. A reload (SIGHUP or
+`mi50ctl reload`, the same path) reads and validates the whole directory first and keeps the
+running set on any error.
 """
 
 from __future__ import annotations
@@ -10,11 +12,15 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Callable
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from mi50d.config import Config, ConfigError, load_config
-from mi50d.supervisor import ReloadReport, Supervisor
+from mi50d.control import ControlServer, ControlSocketError, bind_socket, socket_path_of
+from mi50d.states import State
+from mi50d.supervisor import ReloadReport, Supervisor, UnknownInstance
+from mi50d.systemd import Notifier, announce, listen_socket, ping_watchdog
 
 log = logging.getLogger("mi50d.daemon")
 
@@ -26,6 +32,7 @@ class Daemon:
         self.config_dir = config.directory
         self.socket_path = socket_path
         self.supervisor = supervisor
+        self.started = time.monotonic()
         self.stop_requested = asyncio.Event()
         self.reload_requested = asyncio.Event()
         self._reload_lock = asyncio.Lock()
@@ -37,15 +44,16 @@ class Daemon:
             for hook in self.on_reload:
                 hook(True)
             try:
-                new = await asyncio.to_thread(load_config, self.config_dir)
-            except ConfigError as exc:
-                for problem in exc.problems:
-                    log.error("reload_rejected %s (running set kept)", problem)
-                raise
+                try:
+                    new = await asyncio.to_thread(load_config, self.config_dir)
+                except ConfigError as exc:
+                    for problem in exc.problems:
+                        log.error("reload_rejected %s (running set kept)", problem)
+                    raise
+                return await self.supervisor.apply(new)
             finally:
                 for hook in self.on_reload:
                     hook(False)
-            return await self.supervisor.apply(new)
 
     async def reload_on_signal(self) -> None:
         while True:
@@ -55,6 +63,12 @@ class Daemon:
             with contextlib.suppress(ConfigError):  # logged in reload(); running set kept
                 await self.reload()
 
+    @contextlib.asynccontextmanager
+    async def no_more_reloads(self) -> AsyncIterator[None]:
+        """Wait for a reload in progress to finish, then hold off any other."""
+        async with self._reload_lock:
+            yield
+
 
 def install_signal_handlers(daemon: Daemon) -> None:
     loop = asyncio.get_running_loop()
@@ -63,20 +77,77 @@ def install_signal_handlers(daemon: Daemon) -> None:
     loop.add_signal_handler(signal.SIGHUP, daemon.reload_requested.set)
 
 
+def autostart_settled(supervisor: Supervisor) -> bool:
+    """Every autostart instance is running, or has given up (for `wait_ready`)."""
+    for name, conf in supervisor.config.instances.items():
+        if not conf.autostart:
+            continue
+        try:
+            inst = supervisor.get(name)
+        except UnknownInstance:
+            continue
+        if inst.state in (State.RUNNING, State.UNHEALTHY, State.FAILED):
+            continue
+        if inst.state is State.STOPPED and not inst.wanted:
+            continue
+        return False
+    return True
+
+
+def open_control(daemon: Daemon, config: Config, socket_path: Path) -> ControlServer:
+    """systemd's socket when it passed one (never unlinked by us), else our own at socket_path."""
+    try:
+        inherited = listen_socket()
+    except ValueError as exc:
+        raise ControlSocketError(str(exc)) from None
+    if inherited is not None:
+        path = socket_path_of(inherited) or socket_path
+        log.info("control_socket_inherited path=%s", path)
+        daemon.socket_path = path
+        return ControlServer(daemon, inherited, path, activated=True)
+    sock = bind_socket(socket_path, config.daemon.socket_group)
+    return ControlServer(daemon, sock, socket_path, activated=False)
+
+
 async def serve(config: Config, socket_path: Path) -> None:
+    notifier = Notifier()  # reads NOTIFY_SOCKET/WATCHDOG_* and removes them from os.environ
     supervisor = Supervisor(config)
     daemon = Daemon(config, socket_path, supervisor)
+    control = open_control(daemon, config, socket_path)  # listening before READY=1
+    changed = asyncio.Event()
+    supervisor.on_change.append(changed.set)
+    daemon.on_reload.append(
+        lambda before: notifier.reloading() if before else notifier.reloaded(supervisor.summary()))
     install_signal_handlers(daemon)
-    async with asyncio.TaskGroup() as tg:
-        supervisor.launch(tg)
-        reloader = tg.create_task(daemon.reload_on_signal(), name="reload")
-        log.info("daemon_ready instances=%d socket=%s", len(config.instances), socket_path)
-        await daemon.stop_requested.wait()
-        # Shutdown, in order:
-        # 1. stop taking reloads, so the set of instances is final;
-        log.info("daemon_stopping")
-        reloader.cancel()
-        # 2. stop every instance (SIGTERM, their stop timeout, SIGKILL), all at once;
-        await supervisor.shutdown()
-        # 3. leaving the TaskGroup waits for the instance tasks, which have returned.
+    settled = (lambda: autostart_settled(supervisor)) if config.daemon.wait_ready else None
+    try:
+        async with asyncio.TaskGroup() as tg:
+            supervisor.launch(tg)
+            serving = tg.create_task(control.serve(), name="control")
+            watchdog = tg.create_task(ping_watchdog(notifier), name="watchdog")
+            announcer = tg.create_task(announce(notifier, supervisor.summary, changed, settled),
+                                       name="announce")
+            reloader = tg.create_task(daemon.reload_on_signal(), name="reload")
+            log.info("daemon_started instances=%d socket=%s", len(config.instances),
+                     daemon.socket_path)
+            await daemon.stop_requested.wait()
+            # Shutdown, in order:
+            # 1. tell systemd, stop taking reloads and let one in progress finish, so the set
+            #    of instances is final;
+            log.info("daemon_stopping")
+            notifier.stopping(f"stopping; {supervisor.summary()}")
+            announcer.cancel()
+            reloader.cancel()
+            async with daemon.no_more_reloads():
+                # 2. stop listening and end every control connection (streams end with it);
+                serving.cancel()
+                control.close()
+                # 3. stop every instance (SIGTERM, their stop timeout, SIGKILL), all at once;
+                #    the watchdog keeps pinging meanwhile: a slow stop is not a hang;
+                await supervisor.shutdown()
+            # 4. end the watchdog; leaving the TaskGroup waits for the instance tasks, which
+            #    have returned.
+            watchdog.cancel()
+    finally:
+        control.close()  # also when startup failed inside the TaskGroup
     log.info("daemon_stopped")

@@ -1,21 +1,67 @@
 """The control-socket protocol, shared by mi50d and mi50ctl. Cheap to import: pydantic + stdlib.
 
-Newline-delimited JSON over AF_UNIX. Each request is `{"v": 1, "id": N, "command": ..., "args": {...}}`;
-each reply is `{"v": 1, "id": N, "ok": true, "result": ...}` or
-`{"v": 1, "id": N, "ok": false, "error": {"code": ..., "message": ...}}`.
+Wire format: newline-delimited JSON (UTF-8) over an AF_UNIX stream socket, one object per line, at
+most `MAX_LINE` bytes including the newline. A connection carries requests one after another.
+
+Request::
+
+    {"v": 1, "id": 7, "command": "status", "args": {"name": "qwen3"}}
+
+`args` may be omitted when every argument has a default. The per-command argument models are below
+(`StatusArgs`, ...); `Request` is their discriminated union on `command`.
+
+Replies to a request carry its `id`. A request gets zero or more *event* frames, then exactly one
+*final* frame (a result or an error)::
+
+    {"v": 1, "id": 7, "ok": true, "event": {...}}                    progress, log lines (streams)
+    {"v": 1, "id": 7, "ok": true, "result": {...}}                   final: success
+    {"v": 1, "id": 7, "ok": false, "error": {"code": "...", "message": "one line", "details": []}}
+
+Only `start` (with `wait`) and `logs` (with `follow`) send events; `logs --follow` never sends a
+final frame: it streams until the client disconnects. A request that cannot be parsed gets an
+error with `id` null (or the id, if it could be read); a line over `MAX_LINE` gets `too_large` and
+the connection is closed, since the rest of that line cannot be told from the next request.
 """
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 PROTOCOL_VERSION = 1
+MAX_LINE = 64 * 1024
+# The daemon's default socket when mi50d.toml says nothing (mirrors config.DEFAULT_SOCKET, which a
+# test keeps equal); the socket unit of the Debian package listens on ACTIVATED_SOCKET.
+DEFAULT_SOCKET = "/run/mi50d/control.sock"
+ACTIVATED_SOCKET = "/run/mi50d.sock"
 
 
-class InstanceStatus(BaseModel):
-    """One instance as `mi50ctl status` shows it."""
+class ErrorCode(StrEnum):
+    BAD_REQUEST = "bad_request"  # not JSON, not an object, wrong field types
+    UNKNOWN_COMMAND = "unknown_command"
+    VERSION_MISMATCH = "version_mismatch"
+    TOO_LARGE = "too_large"  # a line over MAX_LINE; the connection is closed
+    UNKNOWN_INSTANCE = "unknown_instance"
+    CONFIG_ERROR = "config_error"  # reload rejected; `details` lists every problem
+    INTERNAL = "internal"  # a bug in mi50d; the traceback is in the daemon's journal
 
+
+class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _Args(_Model):
+    # Requests come from other programs: "1" is not 1, and true is not 1 either.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+# ---- data ----------------------------------------------------------------------------------------
+
+
+class InstanceStatus(_Model):
+    """One instance as `mi50ctl status` shows it."""
 
     name: str
     state: str
@@ -32,3 +78,250 @@ class InstanceStatus(BaseModel):
     gpus: tuple[int, ...] | None = None
     diagnosis: str | None = None
     last_lines: tuple[str, ...] = ()  # output kept with the last failure
+
+
+class DaemonInfo(_Model):
+    version: str
+    protocol: int = PROTOCOL_VERSION
+    pid: int
+    config_dir: str
+    socket: str
+    uptime_s: float
+
+
+# ---- requests ------------------------------------------------------------------------------------
+
+Name = Annotated[str, Field(min_length=1, max_length=200)]
+Timeout = Annotated[float, Field(gt=0, le=7 * 24 * 3600)]
+
+
+class StatusArgs(_Args):
+    name: Name | None = None  # None: every instance
+
+
+class StartArgs(_Args):
+    name: Name
+    wait: bool = True  # stream progress events until running, failed or timeout_s
+    timeout_s: Timeout | None = None  # None: until the instance's own start_timeout_s decides
+
+
+class StopArgs(_Args):
+    name: Name | None = None  # None: every instance
+
+
+class RestartArgs(_Args):
+    name: Name | None = None  # None: every instance
+
+
+class ReloadArgs(_Args):
+    pass
+
+
+class LogsArgs(_Args):
+    name: Name
+    n: Annotated[int, Field(ge=0, le=100_000)] = 50
+    follow: bool = False
+
+
+class _Request(_Model):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    v: int
+    id: int
+
+
+class StatusRequest(_Request):
+    command: Literal["status"]
+    args: StatusArgs = StatusArgs()
+
+
+class StartRequest(_Request):
+    command: Literal["start"]
+    args: StartArgs
+
+
+class StopRequest(_Request):
+    command: Literal["stop"]
+    args: StopArgs = StopArgs()
+
+
+class RestartRequest(_Request):
+    command: Literal["restart"]
+    args: RestartArgs = RestartArgs()
+
+
+class ReloadRequest(_Request):
+    command: Literal["reload"]
+    args: ReloadArgs = ReloadArgs()
+
+
+class LogsRequest(_Request):
+    command: Literal["logs"]
+    args: LogsArgs
+
+
+Request = Annotated[
+    StatusRequest | StartRequest | StopRequest | RestartRequest | ReloadRequest | LogsRequest,
+    Field(discriminator="command"),
+]
+_REQUEST: TypeAdapter[Request] = TypeAdapter(Request)
+COMMANDS = ("status", "start", "stop", "restart", "reload", "logs")
+
+
+class _Envelope(BaseModel):
+    """What is checked before the command's own model: version, id and a known command."""
+
+    model_config = ConfigDict(strict=True)
+
+    v: int
+    id: int
+    command: str
+
+
+# ---- results and events --------------------------------------------------------------------------
+
+
+class StatusResult(_Model):
+    daemon: DaemonInfo
+    instances: list[InstanceStatus]
+
+
+class StartProgress(_Model):
+    """An event of `start` with `wait`: sent on each state change, output line (rate-limited) and
+    about once a second while nothing happens."""
+
+    name: str
+    state: str
+    reason: str
+    elapsed_s: float
+    line: str | None = None  # the latest output line
+
+
+class StartResult(_Model):
+    # running: it answered 200; failed: it gave up (or stopped); timeout: timeout_s passed while
+    # it was still starting (it keeps starting); requested: `wait` was false.
+    outcome: Literal["running", "failed", "timeout", "requested"]
+    status: InstanceStatus
+    elapsed_s: float = 0.0
+
+
+class InstancesResult(_Model):
+    """The result of `stop` and `restart`: the instances acted on, after acting."""
+
+    instances: list[InstanceStatus]
+
+
+class ReloadResult(_Model):
+    added: list[str]
+    removed: list[str]
+    restarted: list[str]
+    unchanged: list[str]
+
+
+class LogsChunk(_Model):
+    """An event of `logs` with `follow`: the backlog first, then new lines as they come.
+    `dropped` counts lines this reader lost by falling behind since the previous chunk."""
+
+    lines: list[str]
+    dropped: int = 0
+
+
+class LogsResult(_Model):
+    name: str
+    lines: list[str]
+
+
+# ---- frames --------------------------------------------------------------------------------------
+
+
+class ErrorInfo(_Model):
+    code: str
+    message: str  # one line
+    details: list[str] = []  # e.g. every problem of a rejected reload
+
+
+class ResultFrame(_Model):
+    v: int = PROTOCOL_VERSION
+    id: int | None
+    ok: Literal[True] = True
+    result: Any
+
+
+class EventFrame(_Model):
+    v: int = PROTOCOL_VERSION
+    id: int | None
+    ok: Literal[True] = True
+    event: dict[str, Any]
+
+
+class ErrorFrame(_Model):
+    v: int = PROTOCOL_VERSION
+    id: int | None
+    ok: Literal[False] = False
+    error: ErrorInfo
+
+
+Frame = EventFrame | ResultFrame | ErrorFrame
+_FRAME: TypeAdapter[Frame] = TypeAdapter(Frame)
+
+
+class ProtocolError(Exception):
+    """A request or reply that breaks the protocol; `code` is an ErrorCode value."""
+
+    def __init__(self, code: ErrorCode, message: str, request_id: int | None = None,
+                 details: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+        self.details = details or []
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    return f"{loc}: {err['msg']}" if loc else str(err["msg"])
+
+
+def encode(frame: BaseModel) -> bytes:
+    """One frame as a line: compact JSON plus a newline."""
+    return frame.model_dump_json().encode() + b"\n"
+
+
+def request_line(request_id: int, command: str, args: dict[str, Any] | None = None) -> bytes:
+    body = {"v": PROTOCOL_VERSION, "id": request_id, "command": command, "args": args or {}}
+    return _REQUEST.dump_json(_REQUEST.validate_python(body)) + b"\n"
+
+
+def parse_request(line: bytes) -> Request:
+    """Validate one request line; raise ProtocolError with the most specific code."""
+    try:
+        envelope = _Envelope.model_validate_json(line)
+    except ValidationError as exc:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, _first_error(exc)) from None
+    if envelope.v != PROTOCOL_VERSION:
+        raise ProtocolError(ErrorCode.VERSION_MISMATCH,
+                            f"protocol version {envelope.v} is not spoken here; mi50d speaks "
+                            f"{PROTOCOL_VERSION}", envelope.id)
+    if envelope.command not in COMMANDS:
+        raise ProtocolError(ErrorCode.UNKNOWN_COMMAND,
+                            f"unknown command {envelope.command[:60]!r}; known: "
+                            f"{', '.join(COMMANDS)}", envelope.id)
+    try:
+        return _REQUEST.validate_json(line)
+    except ValidationError as exc:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, _first_error(exc), envelope.id) from None
+
+
+def parse_frame(line: bytes) -> Frame:
+    """Validate one reply line (client side); a frame of another protocol version is refused."""
+    try:
+        frame = _FRAME.validate_json(line)
+    except ValidationError as exc:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"malformed reply from mi50d: "
+                            f"{_first_error(exc)}") from None
+    if frame.v != PROTOCOL_VERSION:
+        raise ProtocolError(ErrorCode.VERSION_MISMATCH,
+                            f"mi50d speaks protocol {frame.v}, this mi50ctl {PROTOCOL_VERSION}; "
+                            "install matching versions")
+    return frame

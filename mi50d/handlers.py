@@ -1,0 +1,205 @@
+"""One small handler per control command, in the explicit `HANDLERS` dict. Each docstring is that
+command's wire format (requests and frames are defined in `mi50d.protocol`).
+
+A handler gets the daemon, its validated args and `emit` (sends one event frame), and returns the
+result model. It raises `UnknownInstance` or `ConfigError`; `mi50d.control` turns those into error
+frames, and anything else into `internal` (logged with its traceback, never sent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel
+
+from mi50d import __version__
+from mi50d.events import Event
+from mi50d.protocol import (
+    DaemonInfo,
+    InstancesResult,
+    InstanceStatus,
+    LogsArgs,
+    LogsChunk,
+    LogsResult,
+    ReloadArgs,
+    ReloadResult,
+    RestartArgs,
+    StartArgs,
+    StartProgress,
+    StartResult,
+    StatusArgs,
+    StatusResult,
+    StopArgs,
+)
+from mi50d.states import State
+
+if TYPE_CHECKING:
+    from mi50d.daemon import Daemon
+
+Emit = Callable[[BaseModel], Awaitable[None]]
+
+# `start` progress: at most one frame per PROGRESS_GAP_S for output lines (llama-server prints
+# hundreds while loading), and one at least every HEARTBEAT_S so elapsed time moves on screen.
+PROGRESS_GAP_S = 0.2
+HEARTBEAT_S = 1.0
+# `logs --follow`: lines are sent in chunks of what queued up meanwhile, up to this many.
+CHUNK_LINES = 500
+# `start` waits for these states; failed/stopped count only once this request's attempt began.
+_UP = {State.RUNNING, State.UNHEALTHY}
+_DOWN = {State.FAILED, State.STOPPED}
+_ATTEMPTED = {State.STARTING, State.BACKOFF, State.RUNNING, State.UNHEALTHY, State.STOPPING}
+
+
+async def status(daemon: Daemon, args: StatusArgs, emit: Emit) -> StatusResult:
+    """`status {name?: str}` -> result `StatusResult {daemon: DaemonInfo, instances: [InstanceStatus]}`.
+
+    Without `name`, every instance sorted by name. Errors: unknown_instance.
+    """
+    info = DaemonInfo(version=__version__, pid=os.getpid(), config_dir=str(daemon.config_dir),
+                      socket=str(daemon.socket_path),
+                      uptime_s=round(time.monotonic() - daemon.started, 3))
+    return StatusResult(daemon=info, instances=daemon.supervisor.status(args.name))
+
+
+async def start(daemon: Daemon, args: StartArgs, emit: Emit) -> StartResult:
+    """`start {name: str, wait: bool = true, timeout_s: float? }` -> events `StartProgress
+    {name, state, reason, elapsed_s, line?}`, then result `StartResult {outcome, status, elapsed_s}`.
+
+    Without `wait`: no events, outcome "requested". With it: progress on every state change, on
+    output lines (at most every 0.2 s) and every second; the final outcome is "running",
+    "failed" (gave up, or stopped meanwhile: see status.reason, .diagnosis, .last_lines) or
+    "timeout" (timeout_s passed; it keeps starting). Errors: unknown_instance.
+    """
+    sup = daemon.supervisor
+    began = time.monotonic()
+    with sup.events.subscribe(size=256) as sub:
+        attempted = sup.get(args.name).state not in _DOWN
+        sup.start(args.name)
+        if not args.wait:
+            return StartResult(outcome="requested", status=sup.status(args.name)[0])
+        deadline = None if args.timeout_s is None else began + args.timeout_s
+        line: str | None = None
+        last_sent = began  # the first progress is the first change, or a heartbeat
+        pending = False  # a state change or line not sent yet
+        while True:
+            inst = sup.get(args.name)  # by name: a reload may have replaced the instance
+            st = sup.status(args.name)[0]
+            now = time.monotonic()
+            attempted = attempted or inst.state in _ATTEMPTED
+            if inst.state in _UP:
+                return StartResult(outcome="running", status=st, elapsed_s=now - began)
+            if inst.state in _DOWN and (attempted or not inst.wanted):
+                return StartResult(outcome="failed", status=st, elapsed_s=now - began)
+            if deadline is not None and now >= deadline:
+                return StartResult(outcome="timeout", status=st, elapsed_s=now - began)
+            due = last_sent + (PROGRESS_GAP_S if pending else HEARTBEAT_S)
+            if now >= due:
+                await emit(_progress(st, now - began, line))
+                last_sent, pending = now, False
+                due = now + HEARTBEAT_S
+            wait_s = due - now if deadline is None else min(due, deadline) - now
+            try:
+                event: Event = await asyncio.wait_for(sub.get(), max(wait_s, 0.0))
+            except TimeoutError:
+                continue
+            if _about(event) != args.name:
+                continue
+            pending = True
+            if event["event"] == "line":
+                line = str(event["line"])
+            else:
+                last_sent = -HEARTBEAT_S  # a state change goes out at once
+                attempted = attempted or State(event["status"]["state"]) in _ATTEMPTED
+
+
+def _about(event: Event) -> str | None:
+    if event["event"] == "line":
+        return str(event["name"])
+    if event["event"] == "state":
+        return str(event["status"]["name"])
+    return None
+
+
+def _progress(st: InstanceStatus, elapsed_s: float, line: str | None) -> StartProgress:
+    return StartProgress(name=st.name, state=st.state, reason=st.reason,
+                         elapsed_s=round(elapsed_s, 3), line=line)
+
+
+async def stop(daemon: Daemon, args: StopArgs, emit: Emit) -> InstancesResult:
+    """`stop {name?: str}` -> result `InstancesResult {instances: [InstanceStatus]}` once no
+    process of them is left (each within its own stop timeout). Without `name`, every instance,
+    all at once. Errors: unknown_instance.
+    """
+    sup = daemon.supervisor
+    names = [sup.get(args.name).name] if args.name else sup.names()
+    await asyncio.gather(*(sup.stop(n) for n in names))
+    return InstancesResult(instances=[s for n in names for s in sup.status(n)])
+
+
+async def restart(daemon: Daemon, args: RestartArgs, emit: Emit) -> InstancesResult:
+    """`restart {name?: str}` -> result `InstancesResult {instances: [InstanceStatus]}` once each
+    is stopped and asked to start again (use `start` with `wait` to follow the start). Without
+    `name`, every instance. Errors: unknown_instance.
+    """
+    sup = daemon.supervisor
+    names = [sup.get(args.name).name] if args.name else sup.names()
+    await asyncio.gather(*(sup.restart(n) for n in names))
+    return InstancesResult(instances=[s for n in names for s in sup.status(n)])
+
+
+async def reload(daemon: Daemon, args: ReloadArgs, emit: Emit) -> ReloadResult:
+    """`reload {}` -> result `ReloadResult {added, removed, restarted, unchanged}` (instance
+    names). The same path as SIGHUP. Errors: config_error, with every problem in `details`;
+    the running set is then kept as it was.
+    """
+    report = await daemon.reload()
+    return ReloadResult(added=report.added, removed=report.removed, restarted=report.restarted,
+                        unchanged=report.unchanged)
+
+
+async def logs(daemon: Daemon, args: LogsArgs, emit: Emit) -> LogsResult:
+    """`logs {name: str, n: int = 50, follow: bool = false}` -> result `LogsResult {name, lines}`
+    (the last n lines kept in memory). With `follow`: events `LogsChunk {lines, dropped}`, the
+    last n lines first, then new lines as they come, across restarts of the instance, until the
+    client disconnects (no final frame). Errors: unknown_instance.
+    """
+    sup = daemon.supervisor
+    if not args.follow:
+        kept = list(sup.get(args.name).lines)
+        return LogsResult(name=args.name, lines=kept[-args.n:] if args.n else [])
+    # Subscribe and copy the backlog with no await between: no line is lost or sent twice.
+    with sup.events.subscribe(size=10_000) as sub:
+        kept = list(sup.get(args.name).lines)
+        await emit(LogsChunk(lines=kept[-args.n:] if args.n else []))
+        reported = 0
+        while True:
+            batch = [await sub.get()]
+            while not sub.queue.empty() and len(batch) < CHUNK_LINES:
+                batch.append(sub.queue.get_nowait())
+            lines = [str(e["line"]) for e in batch
+                     if e["event"] == "line" and e["name"] == args.name]
+            if lines or sub.dropped != reported:
+                await emit(LogsChunk(lines=lines, dropped=sub.dropped - reported))
+                reported = sub.dropped
+
+
+@dataclass(frozen=True)
+class Command:
+    run: Callable[[Daemon, Any, Emit], Coroutine[Any, Any, BaseModel]]
+    mutates: bool  # changes what runs: logged with the peer's uid and pid
+    streams: bool  # may send events; cancelled when the client disconnects
+
+
+HANDLERS: dict[str, Command] = {
+    "status": Command(status, mutates=False, streams=False),
+    "start": Command(start, mutates=True, streams=True),
+    "stop": Command(stop, mutates=True, streams=False),
+    "restart": Command(restart, mutates=True, streams=False),
+    "reload": Command(reload, mutates=True, streams=False),
+    "logs": Command(logs, mutates=False, streams=True),
+}
