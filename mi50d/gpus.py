@@ -2,7 +2,7 @@
 
 A GPU's index is its position among the GPU nodes of the KFD topology (`mi50d.kfd`), which is the
 order ROCr enumerates agents in and so the index ROCR_VISIBLE_DEVICES takes. Each KFD node names
-its DRM render minor; `/sys/class/drm/renderD<minor>/device` is the PCI device with the amdgpu
+its DRM render minor; `/sys/class/drm/renderD<minor>` leads to the PCI device with the amdgpu
 files read here: VRAM (`mem_info_vram_total/used`, bytes), load (`gpu_busy_percent`), and the
 hwmon sensors (temperatures in m°C labelled edge/junction/mem, power in µW). Every read root comes
 from `HostPaths`; a file that is missing reads as None, never as an error.
@@ -71,11 +71,22 @@ def list_gpus(host: HostPaths) -> list[Gpu]:
     gpu_nodes = [(n, p) for n, p in nodes.items() if p.get("gfx_target_version", 0) > 0]
     for index, (node, props) in enumerate(gpu_nodes):
         minor = props.get("drm_render_minor", 0)
-        device = host.sysfs_root / "class" / "drm" / f"renderD{minor}" / "device"
         render = host.dev_root / "dri" / f"renderD{minor}"
         base = Gpu(index, node, kfd.gfx_name(props["gfx_target_version"]), minor, render)
-        gpus.append(_with_device(base, device) if device.is_dir() else base)
+        device = _pci_device(host, minor)
+        gpus.append(_with_device(base, device) if device else base)
     return gpus
+
+
+def _pci_device(host: HostPaths, minor: int) -> Path | None:
+    """The PCI device directory of render node `minor`: /sys/class/drm/renderD128 links to
+    /sys/devices/<pci path>/<bdf>/drm/renderD128, two levels below the device. (Going up the
+    link rather than through its `device` symlink keeps fixture trees free of sysfs's cycles.)"""
+    link = host.sysfs_root / "class" / "drm" / f"renderD{minor}"
+    if not link.exists():
+        return None
+    device = Path(os.path.realpath(link)).parent.parent
+    return device if (device / "drm").is_dir() else None
 
 
 def _with_device(gpu: Gpu, device: Path) -> Gpu:
@@ -85,7 +96,7 @@ def _with_device(gpu: Gpu, device: Path) -> Gpu:
         index=gpu.index, node=gpu.node, gfx=gpu.gfx, render_minor=gpu.render_minor,
         render_node=gpu.render_node,
         card=cards[0] if cards else None,
-        pci_address=os.path.basename(os.path.realpath(device)),
+        pci_address=device.name,
         vram_total=_read_int(device / "mem_info_vram_total"),
         vram_used=_read_int(device / "mem_info_vram_used"),
         busy_percent=_read_int(device / "gpu_busy_percent"),
