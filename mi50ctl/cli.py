@@ -23,6 +23,11 @@ from mi50ctl.build_cmd import build_llama  # noqa: E402
 
 cli.add_command(build_llama)
 
+from mi50ctl.doctor_cmd import check, doctor  # noqa: E402
+
+cli.add_command(doctor)
+cli.add_command(check)
+
 from mi50ctl.ctl_cmd import logs, reload, restart, start, status, stop  # noqa: E402
 
 cli.add_command(status)

@@ -75,7 +75,7 @@ def run_preflight(inst: InstanceConfig, daemon: DaemonConfig, account: Account |
         gpu_check, selected = _gpus(inst, daemon)
         checks.append(gpu_check)
         if selected:
-            checks.append(_device_access(selected, daemon, account))
+            checks.append(device_access_check(selected, daemon, account))
             checks.append(_rocblas(selected, daemon))
     if selected and model is not None:
         est = estimate(inst, model, mmproj_size, n_gpus=len(selected))
@@ -259,7 +259,7 @@ def _gpus(inst: InstanceConfig, daemon: DaemonConfig) -> tuple[Check, list[gpumo
     return ok("gpus", desc), selected
 
 
-def _device_access(selected: Sequence[gpumod.Gpu], daemon: DaemonConfig,
+def device_access_check(selected: Sequence[gpumod.Gpu], daemon: DaemonConfig,
                    account: Account | None) -> Check:
     user = account_name(account)
     nodes = [daemon.host.dev_root / "kfd", *(g.render_node for g in selected)]

@@ -1,0 +1,237 @@
+"""`mi50ctl doctor`: the host checklist (in the spirit of `flutter doctor`) plus every instance's
+preflight, without needing the daemon.
+
+Host: ROCm version, the GPUs' gfx targets from KFD (cross-checked with `rocminfo` when ROCm has
+it), hipcc/hipconfig, device access for the service account, rocBLAS's gfx906 Tensile files, the
+llama-server build (HIP or CPU, its targets and version, from the build.json `mi50ctl build-llama`
+writes next to it, else from `--version` / `--list-devices`), and the daemon's control socket.
+This module owns assembling those checks into a `Report`; rendering is the CLI's job.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mi50d import gpus as gpumod
+from mi50d import kfd
+from mi50d.access import account_name, run_as
+from mi50d.accounts import AccountError, resolve_account
+from mi50d.checks import Check, fail, ok, skip, warn
+from mi50d.config import ConfigError, DaemonConfig, load_config, load_daemon_config
+from mi50d.preflight import (
+    Other,
+    device_access_check,
+    parse_devices,
+    rocblas_check,
+    run_preflight,
+)
+from mi50d.process import Account
+from mi50d.vram import gib
+
+SOCKET_TIMEOUT_S = 2.0
+TOOL_TIMEOUT_S = 60.0
+
+
+class UnknownInstance(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Report:
+    host: list[Check]
+    instances: dict[str, list[Check]] = field(default_factory=dict)
+
+    def all(self) -> list[Check]:
+        return self.host + [c for checks in self.instances.values() for c in checks]
+
+    @property
+    def failed(self) -> bool:
+        return any(c.failed for c in self.all())
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ok": not self.failed, "host": [c.to_json() for c in self.host],
+                "instances": {n: [c.to_json() for c in cs] for n, cs in self.instances.items()}}
+
+
+def _account(daemon: DaemonConfig) -> tuple[Check, Account | None]:
+    try:
+        account = resolve_account(daemon.user)
+    except AccountError as exc:
+        return fail("account", str(exc).split(";")[0], str(exc).partition("; ")[2] or None), None
+    name = account_name(account)
+    how = "as configured" if account else "this process's own account (not root)"
+    return ok("account", f"instances run as {name} ({how})"), account
+
+
+def host_checks(daemon: DaemonConfig, account: Account | None) -> list[Check]:
+    host = daemon.host
+    version = gpumod.rocm_version(host)
+    checks = [ok("rocm", f"ROCm {'.'.join(map(str, version))} at {host.rocm_path}")
+              if version else fail("rocm", f"no ROCm at {host.rocm_path} (no .info/version)",
+                                   "install ROCm 7.x, or set host.rocm_path in mi50d.toml")]
+    found = gpumod.list_gpus(host)
+    targets = kfd.gfx_targets(host.sysfs_root)
+    if not found:
+        checks.append(fail("gpus", "no GPU in the KFD topology (amdgpu driver not loaded?)",
+                           "dmesg | grep amdgpu; modprobe amdgpu"))
+    else:
+        checks.append((ok if "gfx906" in targets else warn)(
+            "gpus", f"{len(found)} GPU(s): {', '.join(targets)}",
+            *([] if "gfx906" in targets else ["mi50d is made for MI50 (gfx906) GPUs"]),
+        ))
+        checks += [ok(f"gpu {g.index}", _describe(g), **g.to_json()) for g in found]
+        checks.append(_rocminfo(daemon, targets))
+        checks.append(device_access_check(found, daemon, account))
+        if "gfx906" in targets:
+            checks.append(rocblas_check(daemon))
+    checks.append(_hip_tools(daemon))
+    checks.append(_build(daemon, account, expect_gpu=bool(found)))
+    checks.append(socket_check(daemon.socket))
+    return checks
+
+
+def _describe(g: gpumod.Gpu) -> str:
+    parts = [g.gfx, g.pci_address or f"node {g.node}"]
+    if g.vram_total is not None and g.vram_used is not None:
+        parts.append(f"VRAM {gib(g.vram_used)} / {gib(g.vram_total)}")
+    if g.temperatures_c:
+        parts.append(", ".join(f"{k} {v:.0f} °C" for k, v in g.temperatures_c.items()))
+    if g.power_w is not None:
+        parts.append(f"{g.power_w:.0f} W")
+    if g.busy_percent is not None:
+        parts.append(f"{g.busy_percent}% busy")
+    return "; ".join(parts)
+
+
+def _rocminfo(daemon: DaemonConfig, targets: list[str]) -> Check:
+    tool = daemon.host.rocm_path / "bin" / "rocminfo"
+    if not tool.is_file():
+        return skip("rocminfo", f"{tool} not installed")
+    done = run_as(None, [str(tool)], {"PATH": "/usr/bin:/bin"}, TOOL_TIMEOUT_S)
+    seen = sorted(set(gpumod.rocminfo_targets(done.output)))
+    if not done.ok or seen != targets:
+        return warn("rocminfo", f"rocminfo reports {', '.join(seen) or 'no GPU'} but KFD has "
+                    f"{', '.join(targets)}", "check /dev/kfd access and dmesg; "
+                    "HSA_OVERRIDE_GFX_VERSION=9.0.6 is not needed for an MI50")
+    return ok("rocminfo", f"rocminfo agrees: {', '.join(seen)}")
+
+
+def _hip_tools(daemon: DaemonConfig) -> Check:
+    bindir = daemon.host.rocm_path / "bin"
+    missing = [t for t in ("hipcc", "hipconfig") if not (bindir / t).is_file()]
+    if missing:
+        return warn("hip tools", f"{', '.join(missing)} not in {bindir}",
+                    "install the HIP SDK (rocm-hip-sdk); needed only to build llama-server")
+    return ok("hip tools", f"hipcc and hipconfig in {bindir}")
+
+
+def read_build(binary: Path) -> dict[str, Any] | None:
+    """The build.json `mi50ctl build-llama` writes at <build>/build.json for <build>/bin/..."""
+    for candidate in (binary.parent.parent / "build.json", binary.parent / "build.json"):
+        try:
+            record = json.loads(candidate.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict):
+            return record
+    return None
+
+
+def _build(daemon: DaemonConfig, account: Account | None, expect_gpu: bool) -> Check:
+    binary = daemon.llama_server
+    if not binary.is_file():
+        return fail("llama-server", f"{binary} does not exist",
+                    "mi50ctl build-llama --targets gfx906")
+    record = read_build(binary)
+    if record is not None:
+        backend = str(record.get("backend", "?"))
+        targets = [str(t) for t in record.get("targets", []) or []]
+        first = str(record.get("version", "")).splitlines()[0:1]
+        what = f"{backend} build" + (f" for {','.join(targets)}" if targets else "")
+        text = f"{binary}: {what}; {first[0] if first else 'version unknown'}"
+        if backend != "hip":
+            return (warn if expect_gpu else ok)("llama-server", text + " (CPU only)",
+                                                *(["mi50ctl build-llama --targets gfx906"]
+                                                  if expect_gpu else []), build=record)
+        if "gfx906" not in targets:
+            return warn("llama-server", text + ": no gfx906 kernels",
+                        "mi50ctl build-llama --targets gfx906", build=record)
+        return ok("llama-server", text, build=record)
+    version = run_as(account, [str(binary), "--version"], {}, TOOL_TIMEOUT_S)
+    if not version.ok:
+        return fail("llama-server", f"{binary} --version failed: {version.last_line()}",
+                    "mi50ctl build-llama --targets gfx906")
+    devices = parse_devices(run_as(account, [str(binary), "--list-devices"], {},
+                                   TOOL_TIMEOUT_S).output)
+    text = f"{binary}: {version.output.strip().splitlines()[0]}"
+    if not devices:
+        return (warn if expect_gpu else ok)("llama-server", text + "; sees no GPU",
+                                            *(["mi50ctl build-llama --targets gfx906"]
+                                              if expect_gpu else []))
+    return ok("llama-server", text + f"; sees {', '.join(str(d['name']) for d in devices)}")
+
+
+def socket_check(path: Path) -> Check:
+    """Whether mi50d answers on its control socket (connect only)."""
+    if not path.exists():
+        return warn("daemon", f"mi50d is not running (no {path})",
+                    "systemctl start mi50d (instance checks below work without it)")
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(SOCKET_TIMEOUT_S)
+            s.connect(str(path))
+    except OSError as exc:
+        return warn("daemon", f"{path} does not accept connections: {exc.strerror or exc}",
+                    "systemctl restart mi50d; journalctl -u mi50d")
+    return ok("daemon", f"mi50d answers on {path}")
+
+
+def run_doctor(config_dir: Path) -> Report:
+    """Host checks and every instance's preflight for the configuration in `config_dir`."""
+    try:
+        config = load_config(config_dir)
+    except ConfigError as exc:
+        try:
+            daemon = load_daemon_config(config_dir)
+        except ConfigError:
+            daemon = DaemonConfig()
+        account_check, account = _account(daemon)
+        problem = fail("config", exc.problems[0] + (f" (+{len(exc.problems) - 1} more)"
+                                                    if len(exc.problems) > 1 else ""),
+                       "fix the file; mi50d --check-config lists every problem")
+        return Report([problem, account_check, *host_checks(daemon, account)])
+    account_check, account = _account(config.daemon)
+    host = [ok("config", f"{config_dir}: {len(config.instances)} instance(s)"), account_check,
+            *host_checks(config.daemon, account)]
+    daemon_up = any(c.name == "daemon" and c.status == "ok" for c in host)
+    others = [Other(i.name, i.host, i.port) for i in config.instances.values()]
+    instances = {name: _soften_port(run_preflight(inst, config.daemon, account, others),
+                                    daemon_up)
+                 for name, inst in config.instances.items()}
+    return Report(host, instances)
+
+
+def _soften_port(checks: list[Check], daemon_up: bool) -> list[Check]:
+    """With mi50d running, an instance's port is busy because mi50d runs it: not a failure."""
+    if not daemon_up:
+        return checks
+    return [warn(c.name, c.message + " (by this instance, if mi50d runs it)", c.fix)
+            if c.name == "port" and c.failed and "another process" in c.message else c
+            for c in checks]
+
+
+def check_instance(config_dir: Path, name: str) -> list[Check]:
+    """One instance's preflight, as `mi50ctl check NAME`; raises ConfigError, UnknownInstance."""
+    config = load_config(config_dir)
+    inst = config.instances.get(name)
+    if inst is None:
+        known = ", ".join(sorted(config.instances)) or "none"
+        raise UnknownInstance(f"no instance {name!r} in {config_dir} (known: {known})")
+    _, account = _account(config.daemon)
+    others = [Other(i.name, i.host, i.port) for i in config.instances.values()]
+    return _soften_port(run_preflight(inst, config.daemon, account, others),
+                        socket_check(config.daemon.socket).status == "ok")
