@@ -39,8 +39,9 @@ class Ended:
     healthy_for_s: float = 0.0
 
 
-# A check run before every spawn, in a worker thread: returns None or one line: cause and fix.
-Preflight = Callable[[InstanceConfig], str | None]
+# Called on the loop before every spawn; the job it returns runs in a worker thread and returns
+# None, or one line: cause and fix.
+Preflight = Callable[[InstanceConfig], Callable[[], str | None]]
 # A reading of the last output lines after a failure: returns (one-line diagnosis, fatal) or None.
 Diagnose = Callable[[Sequence[str]], tuple[str, bool] | None]
 
@@ -168,7 +169,7 @@ class Instance:
             return None
         self._set_state(State.STARTING, "preflight" if self._preflight else "spawning")
         if self._preflight is not None:
-            problem = await asyncio.to_thread(self._preflight, self.config)
+            problem = await asyncio.to_thread(self._preflight(self.config))
             if problem is not None:
                 self.diagnosis = problem
                 return Ended(Outcome.FATAL, f"preflight failed: {problem}")

@@ -16,9 +16,12 @@ from dataclasses import dataclass, field
 from mi50d.accounts import resolve_account
 from mi50d.config import Config, InstanceConfig
 from mi50d.events import Hub
-from mi50d.instance import Diagnose, Instance, Preflight
+from mi50d.hostwiring import diagnose_failure, preflight_job
+from mi50d.instance import Instance
+from mi50d.preflight import Other
 from mi50d.protocol import InstanceStatus
-from mi50d.states import State
+from mi50d.states import ALIVE, State
+from mi50d.vram import parse_buffers
 
 log = logging.getLogger("mi50d.supervisor")
 
@@ -41,16 +44,9 @@ class ReloadReport:
 
 
 class Supervisor:
-    def __init__(
-        self,
-        config: Config,
-        preflight: Callable[[Config], Preflight | None] | None = None,
-        diagnose: Diagnose | None = None,
-    ) -> None:
+    def __init__(self, config: Config) -> None:
         self.config = config
         self.events = Hub()
-        self._make_preflight = preflight
-        self._diagnose = diagnose
         self._instances: dict[str, Instance] = {}
         self._tg: asyncio.TaskGroup | None = None
         self.on_change: list[Callable[[], None]] = []
@@ -71,14 +67,20 @@ class Supervisor:
 
     def _add(self, config: InstanceConfig) -> Instance:
         assert self._tg is not None, "launch() first"
+        daemon = self.config.daemon
+        account = resolve_account(daemon.user)
+
+        def preflight(conf: InstanceConfig) -> Callable[[], str | None]:
+            return preflight_job(conf, daemon, account, self._others(conf.name))
+
         inst = Instance(
             config,
-            self.config.daemon,
-            resolve_account(self.config.daemon.user),
+            daemon,
+            account,
             on_change=self._changed,
             on_line=self._line,
-            preflight=self._make_preflight(self.config) if self._make_preflight else None,
-            diagnose=self._diagnose,
+            preflight=preflight if daemon.preflight else None,
+            diagnose=diagnose_failure(config),
         )
         self._instances[config.name] = inst
         self._tg.create_task(self._guarded(inst), name=f"instance:{config.name}")
@@ -154,6 +156,14 @@ class Supervisor:
                  report.added, report.removed, report.restarted, len(report.unchanged))
         self._changed(None)
         return report
+
+    def _others(self, name: str) -> list[Other]:
+        """The other instances, for the port and VRAM checks of `name`."""
+        return [
+            Other(i.name, i.config.host, i.config.port, running=i.state in ALIVE,
+                  vram=parse_buffers(i.lines).per_gpu(i.config.gpus) if i.state in ALIVE else {})
+            for i in self._instances.values() if i.name != name
+        ]
 
     # ---- views -------------------------------------------------------------------------------
 

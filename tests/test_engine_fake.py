@@ -30,8 +30,8 @@ async def test_slow_load_beyond_start_timeout_fails(tmp_path: Path) -> None:
         assert st.pid is None
 
 
-async def test_exit_during_load_keeps_the_error_line(tmp_path: Path) -> None:
-    line = "llama_model_load: error loading model: tensor 'x' data is not within the file bounds"
+async def test_exit_during_load_is_retried_then_gives_up(tmp_path: Path) -> None:
+    line = "fake llama-server: something went wrong"
     cfg = write_config(tmp_path, fake_daemon(), {"broken": _inst(
         free_port(), fake_env(FAKE_LOAD_S=0.2, FAKE_FAIL_LOAD=line),
         restart={"policy": "on-failure", "delay_s": 0, "burst": 1})})
@@ -42,6 +42,21 @@ async def test_exit_during_load_keeps_the_error_line(tmp_path: Path) -> None:
         (st,) = sup.status("broken")
         assert "exited during start (exit 1)" in st.reason
         assert "2 ends within 120s (burst 1)" in st.reason
+        assert line in st.last_lines
+
+
+async def test_known_fatal_load_error_is_diagnosed_and_not_retried(tmp_path: Path) -> None:
+    line = "llama_model_load: error loading model: tensor 'x' data is not within the file bounds"
+    cfg = write_config(tmp_path, fake_daemon(), {"truncated": _inst(
+        free_port(), fake_env(FAKE_LOAD_S=0.2, FAKE_FAIL_LOAD=line),
+        restart={"policy": "always", "delay_s": 0})})
+    async with supervising(cfg) as (sup, rec):
+        seq = await rec.wait("truncated", "failed")
+        assert seq == ["stopped", "starting", "failed"]
+        (st,) = sup.status("truncated")
+        assert st.diagnosis is not None
+        assert st.diagnosis.startswith("the model file is truncated (tensor x lies beyond its end)")
+        assert "not retried" in st.reason
         assert line in st.last_lines
 
 

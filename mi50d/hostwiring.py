@@ -1,0 +1,45 @@
+"""The engine's two hooks into the host checks: preflight before every spawn, and a diagnosis of
+an instance's last output lines after a failure (fatal ones stop the restart loop)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from mi50d import diagnose as diag
+from mi50d.config import DaemonConfig, InstanceConfig
+from mi50d.preflight import Other, expects_gpu, run_preflight
+from mi50d.process import Account
+
+# Retrying the same launch cannot fix these: the file, the build, the port or the VRAM is wrong.
+FATAL_CODES = frozenset({
+    "tensile_missing", "out_of_memory", "invalid_device_function", "kfd_access", "port_in_use",
+    "model_open_failed", "unknown_architecture", "model_truncated", "model_invalid",
+    "shared_library",
+})
+
+
+def preflight_job(
+    inst: InstanceConfig, daemon: DaemonConfig, account: Account | None, others: Sequence[Other]
+) -> Callable[[], str | None]:
+    """A job for a worker thread: None when every check passed, else the first failure's line."""
+
+    def job() -> str | None:
+        for check in run_preflight(inst, daemon, account, others):
+            if check.failed:
+                return check.line()
+        return None
+
+    return job
+
+
+def diagnose_failure(inst: InstanceConfig) -> Callable[[Sequence[str]], tuple[str, bool] | None]:
+    wants_gpu = expects_gpu(inst)
+
+    def read(lines: Sequence[str]) -> tuple[str, bool] | None:
+        found = diag.diagnose(lines, expects_gpu=wants_gpu)
+        if not found:
+            return None
+        first = found[0]
+        return first.line(), first.code in FATAL_CODES
+
+    return read
