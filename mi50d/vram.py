@@ -12,9 +12,13 @@ Estimate (bytes, for the GPUs of one instance), from the model's GGUF header:
                ctx_size is 0 or unset (llama-server's default), padded up to 256 like llama.cpp.
                key/value_length default to embedding_length / head_count. Sliding-window
                layers are counted at full length: an overestimate, never an underestimate.
-    compute  = 4 * n_ubatch * (n_vocab + 4 * n_embd + 2 * n_ff)          (f32 activations)
-               + 4 * n_ubatch * n_ctx * n_head, only with flash_attn = "off" (the KQ matrix)
-               with n_ubatch = 512 (llama.cpp's default), counted once per instance.
+    compute  = 4 * n_ubatch * (4 * n_embd + 2 * n_ff)     f32 activations of one ubatch
+               + 4 * n_seq * n_vocab                       logits of the last token per slot
+               + 2 * n_ubatch * n_ctx                      the f16 KQ mask
+               + 4 * n_ubatch * n_ctx * n_head             the f32 KQ matrix, only with
+                                                           flash_attn = "off"
+               with n_ubatch = 512 and n_seq = 4 (llama-server's defaults: 4 slots, and only
+               one output per slot is reserved), counted once per instance.
     mmproj   = the size of the mmproj file (its tensors go to the first GPU).
     overhead = 384 MiB per GPU: the HIP runtime context and rocBLAS workspace.
 
@@ -43,6 +47,7 @@ from mi50d.gpus import Gpu
 MiB = 1 << 20
 GiB = 1 << 30
 N_UBATCH = 512
+N_SEQ = 4
 CTX_PAD = 256
 OVERHEAD_PER_GPU = 384 * MiB
 _LAYER = re.compile(r"^blk\.(\d+)\.")
@@ -141,7 +146,8 @@ def estimate(inst: InstanceConfig, model: GGUFInfo, mmproj_bytes: int = 0,
     kv = sum(kv_layers[first_gpu_layer:]) if n_gpus else 0
     n_vocab = model.arch_int("vocab_size") or _array_length(model, "tokenizer.ggml.tokens")
     n_ff = _per_layer(model.arch_value("feed_forward_length"), n_layer)
-    compute = 4 * N_UBATCH * (n_vocab + 4 * n_embd + 2 * max(n_ff, default=0))
+    compute = (4 * N_UBATCH * (4 * n_embd + 2 * max(n_ff, default=0)) + 4 * N_SEQ * n_vocab
+               + 2 * N_UBATCH * n_ctx)
     if inst.flash_attn == "off":
         compute += 4 * N_UBATCH * n_ctx * max(n_head, default=0)
     return Estimate(

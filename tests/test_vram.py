@@ -3,6 +3,8 @@ the buffer-size parser on recorded and real llama-server output."""
 
 from __future__ import annotations
 
+import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,9 +19,11 @@ from mi50d.vram import (
     MiB,
     check_fit,
     estimate,
+    estimate_error,
     parse_buffers,
 )
 from tests.ggufwriter import write_model
+from tests.realbinary import llama_server
 
 HOSTS = Path(__file__).parent / "fixtures" / "hosts"
 TWO_MI50 = HostPaths(sysfs_root=HOSTS / "two-mi50" / "sys")
@@ -147,3 +151,58 @@ def test_parse_recorded_rocm_buffers() -> None:
 def test_a_second_load_replaces_the_first() -> None:
     twice = ROCM_LOG + ROCM_LOG.replace("11536.18", "100.00")
     assert parse_buffers(twice.splitlines()).bytes("model") == round((586.82 + 100) * MiB)
+
+
+# --- the real llama-server (CPU build) on the generated tiny model ------------------------------
+
+def _vocab(binary: Path) -> Path:
+    """llama.cpp's vocab-only GGUF from the source tree the build was made from."""
+    record = json.loads((binary.parent.parent / "build.json").read_text())
+    vocab = Path(record["source"]) / "models" / "ggml-vocab-llama-spm.gguf"
+    if not vocab.is_file():
+        pytest.skip(f"no {vocab}")
+    return vocab
+
+
+def _load_output(binary: Path, model: Path, ctx: int) -> list[str]:
+    """llama-server's lines until it says the model is loaded. `-lv 4`: the buffer sizes are
+    logged at the trace level, above llama-server's default verbosity (3)."""
+    argv = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", "0",
+            "--ctx-size", str(ctx), "--log-verbosity", "4"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            stdin=subprocess.DEVNULL)
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            if "model loaded" in line or "exiting due to" in line:
+                break
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    return lines
+
+
+@pytest.mark.llama
+@pytest.mark.parametrize("ctx", [1024, 8192])
+def test_estimate_against_the_real_cpu_llama_server(tmp_path: Path, ctx: int) -> None:
+    tinymodel = pytest.importorskip("mi50d.tinymodel")
+    binary = llama_server()
+    model = tinymodel.write(tmp_path / "tiny.gguf", _vocab(binary))
+    lines = _load_output(binary, model, ctx)
+    measured = parse_buffers(lines)
+    assert measured.bytes("model") > 0, lines[-5:]
+    assert measured.bytes("KV") > 0 and measured.bytes("compute") > 0
+    est = estimate(inst(model, ctx_size=ctx), read_gguf(model), n_gpus=0)
+    errors = estimate_error(est, measured)
+    # the measured error is a result of this test, shown with `pytest -s`
+    report = (f"ctx {ctx}: measured model {measured.bytes('model') / MiB:.2f} MiB, "
+              f"KV {measured.bytes('KV') / MiB:.2f} MiB, "
+              f"compute {measured.bytes('compute') / MiB:.2f} MiB; estimate error: "
+              + ", ".join(f"{k} {v:+.1%}" for k, v in errors.items()))
+    print("\n" + report)  # noqa: T201
+    # the KV formula is exact for llama; the others are printed, not asserted
+    assert est.kv_all == measured.bytes("KV")
