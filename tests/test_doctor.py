@@ -112,6 +112,7 @@ def test_rocminfo_replaying_recorded_output(world: Path) -> None:
     assert check.status == "warn" and "reports no GPU but KFD has gfx906" in check.message
 
 
+@pytest.mark.llama
 def test_real_build_json_of_the_real_build() -> None:
     record = read_build(llama_server())
     assert record is not None and record["backend"] in ("cpu", "hip")
