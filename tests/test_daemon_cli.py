@@ -1,0 +1,64 @@
+"""`mi50d --check-config` and the account instances run as."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support import fake_daemon, fake_env, free_port, supervising, write_config
+
+MI50D = str(Path(sys.executable).with_name("mi50d"))
+FIXTURES = Path(__file__).parent / "fixtures" / "config"
+
+
+def test_check_config_prints_the_exact_command_line() -> None:
+    out = subprocess.run([MI50D, "--check-config", "--config-dir", str(FIXTURES / "good")],
+                         capture_output=True, text=True, check=True).stdout
+    assert "[gpt-oss-20b] autostart=false" in out
+    assert ("HSA_OVERRIDE_GFX_VERSION=9.0.6 ROCR_VISIBLE_DEVICES=0 /opt/llama/bin/llama-server "
+            "--model /mnt/ssd/models/gpt-oss-20b-mxfp4.gguf --host 0.0.0.0 --port 8080") in out
+
+
+def test_check_config_json() -> None:
+    out = subprocess.run([MI50D, "--check-config", "--json", "--config-dir", str(FIXTURES / "good")],
+                         capture_output=True, text=True, check=True).stdout
+    doc = json.loads(out)
+    inst = doc["instances"]["gpt-oss-20b"]
+    assert inst["env"] == {"ROCR_VISIBLE_DEVICES": "0", "HSA_OVERRIDE_GFX_VERSION": "9.0.6"}
+    assert inst["argv"][-1] == "--no-webui"
+
+
+def test_broken_config_exits_78_naming_file_and_key(tmp_path: Path) -> None:
+    (tmp_path / "tiny.toml").write_text('model = "/m.gguf"\nport = 99999\n')
+    proc = subprocess.run([MI50D, "--config-dir", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 78
+    assert "mi50d: tiny.toml: port: Input should be less than or equal to 65535" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def _proc_status(pid: int | None) -> dict[str, list[str]]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {k: v.split() for k, v in (line.split(":", 1) for line in lines)}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching accounts needs root")
+@pytest.mark.asyncio
+async def test_instances_run_as_the_configured_user(tmp_path: Path) -> None:
+    nobody = pwd.getpwnam("nobody")
+    cfg = write_config(tmp_path, fake_daemon(user="nobody"), {
+        "sandboxed": {"model": "/dev/null", "port": free_port(), "autostart": True,
+                      "env": fake_env()}})
+    async with supervising(cfg) as (sup, rec):
+        await rec.wait("sandboxed", "running")
+        pid = sup.status("sandboxed")[0].pid
+        fields = _proc_status(pid)
+        assert fields["Uid"][:2] == [str(nobody.pw_uid)] * 2
+        assert fields["Gid"][:2] == [str(nobody.pw_gid)] * 2
+        # Not the daemon's groups: root's supplementary groups are not inherited.
+        assert "0" not in fields.get("Groups", [])
