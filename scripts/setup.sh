@@ -10,7 +10,7 @@ APT_PACKAGES=(
     build-essential cmake git pkg-config          # building llama-server (mi50ctl build-llama)
     dbus systemd-container debootstrap            # the end-to-end test under real systemd
     dpkg-dev debhelper dh-virtualenv fakeroot     # building the .deb
-    util-linux procps iproute2 curl               # nsenter, ps, ss, curl used by tests and demo
+    util-linux procps iproute2 curl ntfs-3g       # nsenter, ps, ss, curl, a real NTFS mount in tests
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
