@@ -43,3 +43,15 @@ def diagnose_failure(inst: InstanceConfig) -> Callable[[Sequence[str]], tuple[st
         return first.line(), first.code in FATAL_CODES
 
     return read
+
+
+def degraded_reason(inst: InstanceConfig) -> Callable[[Sequence[str]], str | None]:
+    """Read once the instance is ready: a silent CPU fallback for an instance that wanted GPUs
+    answers /health with 200 all the same, so it is marked degraded with the reason."""
+    wants_gpu = expects_gpu(inst)
+
+    def read(lines: Sequence[str]) -> str | None:
+        found = [d for d in diag.diagnose(lines, expects_gpu=wants_gpu) if d.degraded]
+        return f"degraded: {found[0].line()}" if found else None
+
+    return read

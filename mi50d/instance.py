@@ -56,6 +56,7 @@ class Instance:
         on_line: Callable[[Instance, str], None],
         preflight: Preflight | None = None,
         diagnose: Diagnose | None = None,
+        degraded: Callable[[Sequence[str]], str | None] | None = None,
     ) -> None:
         self.config = config
         self.daemon = daemon
@@ -64,6 +65,7 @@ class Instance:
         self._on_line = on_line
         self._preflight = preflight
         self._diagnose = diagnose
+        self._degraded = degraded
         self.state = State.STOPPED
         self.reason = "not started"
         self.since = time.time()
@@ -251,6 +253,8 @@ class Instance:
         except TimeoutError:
             return Outcome.START_FAILED, f"not ready within start_timeout_s={cfg.start_timeout_s:g}"
         self._running_since = time.monotonic()
+        if self._degraded is not None:
+            self.diagnosis = self._degraded(tuple(self.lines))
         self._set_state(State.RUNNING, f"{cfg.path} answered 200")
         failures = 0
         host, port = self._probe_address()

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from mi50d.accounts import resolve_account
 from mi50d.config import Config, InstanceConfig
 from mi50d.events import Hub
-from mi50d.hostwiring import diagnose_failure, preflight_job
+from mi50d.hostwiring import degraded_reason, diagnose_failure, preflight_job
 from mi50d.instance import Instance
 from mi50d.preflight import Other
 from mi50d.protocol import InstanceStatus
@@ -81,6 +81,7 @@ class Supervisor:
             on_line=self._line,
             preflight=preflight if daemon.preflight else None,
             diagnose=diagnose_failure(config),
+            degraded=degraded_reason(config),
         )
         self._instances[config.name] = inst
         self._tg.create_task(self._guarded(inst), name=f"instance:{config.name}")

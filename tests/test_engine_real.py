@@ -197,3 +197,19 @@ async def test_preflight_refuses_a_taken_port_without_spawning(
             assert st.last_exit is None  # nothing was spawned
             # The same preflight lets an honest instance through.
             await rec.wait("fine", "running")
+
+
+@pytest.mark.asyncio
+async def test_cpu_fallback_is_marked_degraded(
+    tmp_path: Path, llama_server: Path, tiny_model: Path
+) -> None:
+    """This CPU build ignores GPU offload; an instance that asked for GPUs runs, but degraded."""
+    cfg = write_config(tmp_path, _daemon(llama_server), {
+        "wants-gpu": _inst(tiny_model, free_port(), n_gpu_layers="all"),
+        "cpu": _inst(tiny_model, free_port(), n_gpu_layers=0)})
+    async with supervising(cfg) as (sup, rec):
+        await rec.wait("wants-gpu", "running")
+        await rec.wait("cpu", "running")
+        diagnosis = sup.status("wants-gpu")[0].diagnosis
+        assert diagnosis is not None and diagnosis.startswith("degraded: ")
+        assert sup.status("cpu")[0].diagnosis is None
