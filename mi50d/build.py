@@ -26,6 +26,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Literal
 
@@ -250,6 +251,8 @@ def list_builds(root: Path) -> list[tuple[Path, dict[str, object]]]:
     """(prefix, build.json) of every finished build, newest first."""
     builds = []
     for record in root.glob("*/build.json"):
+        if record.parent.is_symlink():  # `current`
+            continue
         try:
             builds.append((record.parent, json.loads(record.read_text())))
         except (OSError, ValueError):
@@ -354,7 +357,7 @@ def build(plan: BuildPlan, base_env: Mapping[str, str], *, force: bool = False,
                 raise BuildError("the new llama-server does not run `--version`; "
                                  "current build left unchanged")
             record: dict[str, object] = {
-                "id": build_id, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "id": build_id, "created": datetime.now(UTC).isoformat(timespec="microseconds"),
                 "source": str(plan.source), "content_id": content, "backend": plan.backend,
                 "targets": list(plan.targets), "tools": list(plan.tools),
                 "env": plan.env, "configure": plan.configure, "build": plan.build,

