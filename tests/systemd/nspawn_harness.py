@@ -1,0 +1,316 @@
+"""Real systemd for the end-to-end test: a cached Debian 12 root, the .deb, a booted container.
+
+This module owns three slow artefacts and how they are reused:
+- `debian_root()`: `debootstrap --variant=minbase` of bookworm, cached under
+  `~/.cache/mi50d/rootfs/bookworm-<key>/` where the key hashes the package list and
+  `ROOT_RECIPE_VERSION`; built in a temporary directory and renamed into place, so a
+  half-built root is never reused.
+- `build_deb(repo)`: `dpkg-buildpackage -us -uc -b` on a copy of the repository's files (so
+  nothing lands in or beside the work tree), cached by a hash of those files' contents.
+- `Machine`: one boot of the cached root with `systemd-nspawn --volatile=overlay`; every write
+  goes to a tmpfs that vanishes at power-off, so the cache is never modified.
+
+The host drives the container through `nsenter` into the container's init, the way an
+operator's shell would run commands on the machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+# Bump when the recipe below changes in a way the package list does not show.
+ROOT_RECIPE_VERSION = 1
+SUITE = "bookworm"
+MIRROR = "http://deb.debian.org/debian"
+# What the container needs beyond minbase: an init, D-Bus, the .deb's runtime dependencies
+# (so `apt-get install ./mi50d_*.deb` resolves them from the local cache), the llama-server
+# CPU build's shared libraries, and the tools the test uses inside (curl, ps, setpriv/useradd).
+ROOT_PACKAGES = (
+    "systemd",
+    "systemd-sysv",
+    "dbus",
+    "python3",
+    "python3-gi",
+    "gir1.2-glib-2.0",
+    "curl",
+    "ca-certificates",
+    "procps",
+    "passwd",
+    "libgomp1",
+    "libcurl4",
+    "libssl3",
+)
+# Units that have nothing to do in a throwaway container and would only slow the boot or
+# mark the system degraded.
+MASKED_UNITS = (
+    "systemd-timesyncd.service",
+    "apt-daily.timer",
+    "apt-daily-upgrade.timer",
+    "e2scrub_all.timer",
+    "fstrim.timer",
+    "console-getty.service",
+    "getty@tty1.service",
+)
+CONTAINER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+HOST_DIR_IN_CONTAINER = "/srv/e2e"
+
+
+def cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "mi50d"
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Serialise builders of one artefact (two pytest sessions, or xdist workers)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def root_key() -> str:
+    recipe = json.dumps([ROOT_RECIPE_VERSION, SUITE, MIRROR, ROOT_PACKAGES, MASKED_UNITS])
+    return hashlib.sha256(recipe.encode()).hexdigest()[:16]
+
+
+def debian_root() -> Path:
+    """The cached bookworm root, built on first use (a few minutes; later calls are instant)."""
+    final = cache_root() / "rootfs" / f"{SUITE}-{root_key()}"
+    with _locked(final.with_name(final.name + ".lock")):
+        if (final / "etc" / "os-release").exists():
+            return final
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+        tmp.chmod(0o755)  # it becomes the container's /
+        try:
+            subprocess.run(
+                ["debootstrap", "--variant=minbase", f"--include={','.join(ROOT_PACKAGES)}",
+                 SUITE, str(tmp), MIRROR],
+                check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            )
+            _prepare_root(tmp)
+            tmp.rename(final)
+        except subprocess.CalledProcessError as exc:
+            raise RuntimeError(f"debootstrap failed:\n{exc.stderr[-4000:]}") from exc
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+    return final
+
+
+def _prepare_root(root: Path) -> None:
+    (root / "etc" / "hostname").write_text("mi50d-e2e\n")
+    # An empty machine-id makes systemd generate a fresh one at each boot (and keep it in RAM).
+    (root / "etc" / "machine-id").write_text("")
+    for unit in MASKED_UNITS:
+        link = root / "etc" / "systemd" / "system" / unit
+        link.unlink(missing_ok=True)
+        link.symlink_to("/dev/null")
+    shutil.rmtree(root / "var" / "cache" / "apt" / "archives", ignore_errors=True)
+    (root / "var" / "cache" / "apt" / "archives" / "partial").mkdir(parents=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The .deb
+
+
+def _source_files(repo: Path) -> list[str]:
+    out = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=repo, check=True, capture_output=True,
+    ).stdout.decode()
+    return sorted(p for p in out.split("\0") if p and (repo / p).is_file())
+
+
+def source_key(repo: Path) -> str:
+    digest = hashlib.sha256()
+    for rel in _source_files(repo):
+        path = repo / rel
+        digest.update(rel.encode() + b"\0")
+        digest.update(os.readlink(path).encode() if path.is_symlink() else path.read_bytes())
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
+
+
+def build_deb(repo: Path) -> Path:
+    """Build the .deb from the repository's files; cached by their content (rebuilt on change)."""
+    out_dir = cache_root() / "deb" / source_key(repo)
+    with _locked(out_dir.with_name(out_dir.name + ".lock")):
+        debs = sorted(out_dir.glob("mi50d_*.deb"))
+        if debs:
+            return debs[-1]
+        with tempfile.TemporaryDirectory(prefix="mi50d-deb-") as tmp:
+            src = Path(tmp) / "mi50d"
+            for rel in _source_files(repo):
+                dest = src / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(repo / rel, dest, follow_symlinks=False)
+            proc = subprocess.run(
+                ["dpkg-buildpackage", "-us", "-uc", "-b"],
+                cwd=src, capture_output=True, text=True, check=False,
+            )
+            if proc.returncode != 0:
+                raise RuntimeError(f"dpkg-buildpackage failed:\n{(proc.stdout + proc.stderr)[-6000:]}")
+            built = sorted(Path(tmp).glob("mi50d_*.deb"))
+            if not built:
+                raise RuntimeError("dpkg-buildpackage succeeded but wrote no mi50d_*.deb")
+            staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out_dir.parent))
+            for deb in built:
+                shutil.copy2(deb, staging / deb.name)
+            staging.rename(out_dir)
+        return sorted(out_dir.glob("mi50d_*.deb"))[-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# A booted container
+
+
+class CommandFailed(AssertionError):
+    pass
+
+
+class Machine:
+    """One boot of `root`; `host_dir` is bind-mounted read-only at /srv/e2e inside."""
+
+    def __init__(self, root: Path, host_dir: Path, log_path: Path) -> None:
+        self.root = root
+        self.host_dir = host_dir
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        self.nspawn = subprocess.Popen(
+            ["systemd-nspawn", "--quiet", "--register=no", "--keep-unit", "--boot",
+             "--volatile=overlay", "--console=read-only", f"--directory={root}",
+             f"--bind-ro={host_dir}:{HOST_DIR_IN_CONTAINER}", "--machine=mi50d-e2e"],
+            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.init_pid = self._find_init()
+
+    def _find_init(self, timeout_s: float = 60.0) -> int:
+        """The host pid of the container's PID 1: a descendant of nspawn whose NSpid ends in 1."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.nspawn.poll() is not None:
+                raise RuntimeError(f"systemd-nspawn exited early; see {self.log_path}")
+            for pid in _descendants(self.nspawn.pid):
+                if _nspid(pid)[-1:] == [1] and len(_nspid(pid)) > 1:
+                    return pid
+            time.sleep(0.05)
+        raise RuntimeError("the container's init did not appear")
+
+    def run(self, *argv: str, user: str | None = None, check: bool = True,
+            timeout: float = 120.0, input: str | None = None) -> subprocess.CompletedProcess[str]:
+        """Run argv inside the container (as root, or as `user` with that user's groups)."""
+        cmd = ["nsenter", "-t", str(self.init_pid), "-a", "--",
+               "/usr/bin/env", "-i", f"PATH={CONTAINER_PATH}", "LANG=C.UTF-8", "TERM=dumb"]
+        if user is not None:
+            cmd += ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups",
+                    "--reset-env", "--"]
+        cmd += list(argv)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              input=input, check=False)
+        if check and proc.returncode != 0:
+            raise CommandFailed(
+                f"{' '.join(argv)!r} exited {proc.returncode}\n"
+                f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+            )
+        return proc
+
+    def sh(self, script: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.run("/bin/sh", "-ec", script, check=check)
+
+    def write(self, path: str, text: str) -> None:
+        self.run("/bin/sh", "-ec", 'mkdir -p "$(dirname "$1")" && cat > "$1"', "sh", path,
+                 input=text)
+
+    def exists(self, path: str) -> bool:
+        return self.run("test", "-e", path, check=False).returncode == 0
+
+    def journal(self, unit: str) -> str:
+        return self.run("journalctl", "-u", unit, "-b", "--no-pager", "-o", "cat").stdout
+
+    def wait_booted(self, timeout: float = 120.0) -> str:
+        """Wait for `systemctl is-system-running --wait`; return its verdict."""
+        deadline = time.monotonic() + timeout
+        while True:
+            # The bus socket appears a moment after PID 1; until then systemctl cannot connect.
+            proc = self.run("systemctl", "is-system-running", "--wait", check=False,
+                            timeout=max(1.0, deadline - time.monotonic()))
+            state = proc.stdout.strip()
+            if state in ("running", "degraded"):
+                return state
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"container did not finish booting: {state!r} {proc.stderr}")
+            time.sleep(0.2)
+
+    def show(self, unit: str, prop: str) -> str:
+        return self.run("systemctl", "show", "-p", prop, "--value", unit).stdout.strip()
+
+    def pids_of(self, comm: str) -> list[int]:
+        """Container pids of processes whose command name is `comm`."""
+        proc = self.run("pgrep", "-x", comm, check=False)
+        return [int(p) for p in proc.stdout.split()]
+
+    def poweroff(self, timeout: float = 30.0) -> None:
+        """Power off cleanly; if that does not finish, kill the container's init and nspawn."""
+        if self.nspawn.poll() is None:
+            with contextlib.suppress(subprocess.TimeoutExpired, CommandFailed):
+                self.run("systemctl", "poweroff", "--no-block", check=False, timeout=10)
+            try:
+                self.nspawn.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                # SIGKILL to the namespace's init ends every process in it.
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.init_pid, signal.SIGKILL)
+                try:
+                    self.nspawn.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(self.nspawn.pid, signal.SIGKILL)
+                    self.nspawn.wait()
+        self._log.close()
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(p) for p in text.split()]
+
+
+def _descendants(pid: int) -> Iterator[int]:
+    stack = _children(pid)
+    while stack:
+        child = stack.pop()
+        yield child
+        stack.extend(_children(child))
+
+
+def _nspid(pid: int) -> list[int]:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("NSpid:"):
+                return [int(p) for p in line.split()[1:]]
+    except OSError:
+        pass
+    return []
+
+
+def poll(what: str, probe: Callable[[], bool], timeout: float = 60.0) -> None:
+    """Wait until `probe()` is true; fail naming `what`. Checks state, never asserts a duration."""
+    deadline = time.monotonic() + timeout
+    while not probe():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
