@@ -91,9 +91,9 @@ def _checked_members(tar: tarfile.TarFile, dest: Path) -> list[tarfile.TarInfo]:
     return tar.getmembers()
 
 
-def extract(tarball: Path, target: Path) -> Path:
+def extract(tarball: Path, target: Path, required: str) -> Path:
     """Unpack the sdist's single top-level directory as `target`; nothing appears at `target`
-    unless everything was unpacked."""
+    unless everything was unpacked and the file `required` (relative to it) is there."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=target.parent))
     try:
@@ -106,6 +106,8 @@ def extract(tarball: Path, target: Path) -> Path:
         if len(tops) != 1 or not tops[0].is_dir():
             raise SourceError(f"{tarball}: expected one top-level directory, found "
                               f"{sorted(p.name for p in tops)}")
+        if not (tops[0] / required).is_file():
+            raise SourceError(f"{tarball}: the sdist has no {required}")
         tops[0].rename(target)
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise SourceError(f"{tarball}: cannot unpack: {exc}") from None
@@ -124,8 +126,7 @@ def ensure_source(version: str = VERSION, cache: Path | None = None,
     if unpacked.exists():
         raise SourceError(f"{unpacked} exists but has no llama.cpp/CMakeLists.txt; delete it")
     with tempfile.TemporaryDirectory(prefix="mi50d-sdist-") as tmp:
-        extract(sdist or download_sdist(Path(tmp), version), unpacked)
-    if not (tree / "CMakeLists.txt").is_file():
-        raise SourceError(f"{unpacked}: the sdist has no llama.cpp/CMakeLists.txt")
+        extract(sdist or download_sdist(Path(tmp), version), unpacked,
+                f"{tree.name}/CMakeLists.txt")
     return tree
 

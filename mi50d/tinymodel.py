@@ -8,6 +8,7 @@ Needs `gguf` and numpy (the `test` extra), imported lazily: the daemon never imp
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -54,6 +55,13 @@ class TinyModel:
 
 
 def _tokenizer(vocab: Path) -> dict[str, Any]:
+    stat = vocab.stat()
+    return dict(_read_tokenizer(vocab, stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=4)
+def _read_tokenizer(vocab: Path, mtime_ns: int, size: int) -> dict[str, Any]:
+    """Decoding 32000 tokens takes a second; the (path, mtime, size) key keeps reuse honest."""
     from gguf import GGUFReader
 
     fields = GGUFReader(vocab).fields
