@@ -10,6 +10,7 @@ import contextlib
 import os
 import pwd
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -37,14 +38,10 @@ def short_dir() -> Path:
 
 
 def server_instance(request: pytest.FixtureRequest, port: int, **extra: Any) -> dict[str, Any]:
-    """An instance table running the real llama-server on the tiny model when tests/conftest.py
-    provides them, else the fake server."""
-    try:
-        llama = request.getfixturevalue("llama_server")
-        model = request.getfixturevalue("tiny_model")
-    except pytest.FixtureLookupError:
-        return {"llama_server": str(FAKE_SERVER), "model": "/dev/null", "port": port,
-                "env": fake_env(), **extra}
+    """An instance table running the real llama-server on the tiny model (the session fixtures
+    of tests/conftest.py); tests using it carry the `llama` mark."""
+    llama = request.getfixturevalue("llama_server")
+    model = request.getfixturevalue("tiny_model")
     return {"llama_server": str(llama), "model": str(model), "port": port, "ctx_size": 256,
             "threads": 1, **extra}
 
@@ -87,12 +84,16 @@ class NotifySocket:
             got.append(text)
         return got
 
-    def wait_for(self, predicate: Callable[[str], bool], timeout: float = WAIT_S) -> str:
-        """Receive until a message satisfies `predicate`; return it."""
+    def wait_for(self, predicate: Callable[[str], bool], timeout: float = WAIT_S,
+                 alive: Callable[[], bool] = lambda: True) -> str:
+        """Receive until a message satisfies `predicate`; return it. Gives up early once
+        `alive()` turns false (the sender exited), checked between messages."""
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
-            text = self.receive(max(left, 0)) if left > 0 else None
+            text = self.receive(min(left, 0.5)) if left > 0 else None
+            if text is None and left > 0 and alive():
+                continue
             if text is None:
                 raise AssertionError(f"no matching notification within {timeout}s; got "
                                      f"{self.messages[-10:]}")
@@ -120,6 +121,12 @@ class Daemon:
 
     def log_text(self) -> str:
         return self.log.read_text()
+
+    def close(self) -> None:
+        """Stop it if running, and remove its working directory."""
+        self.stop()
+        self.notify.close()
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
     def stop(self) -> int:
         if self.proc.poll() is None:
@@ -160,7 +167,8 @@ def start_daemon(config: Path, workdir: Path, env: Mapping[str, str] | None = No
     daemon = Daemon(proc, sock, config, notify, log, workdir, full_env)
     if wait_ready:
         try:
-            notify.wait_for(lambda m: "READY=1" in m.splitlines())
+            notify.wait_for(lambda m: "READY=1" in m.splitlines(),
+                            alive=lambda: proc.poll() is None)
         except AssertionError:
             daemon.stop()
             raise AssertionError(f"mi50d did not become ready:\n{log.read_text()}") from None
@@ -178,8 +186,7 @@ def running_daemon(daemon_settings: Mapping[str, Any],
     try:
         yield daemon
     finally:
-        daemon.stop()
-        daemon.notify.close()
+        daemon.close()
 
 
 def read_line(stream: Any, timeout: float = WAIT_S) -> str:

@@ -47,6 +47,7 @@ def _status(daemon_ctl: subprocess.CompletedProcess[str]) -> dict[str, dict[str,
     return {st["name"]: st for st in doc["instances"]}
 
 
+@pytest.mark.llama
 def test_status_table_json_and_exit_codes(request: pytest.FixtureRequest) -> None:
     up, idle = free_port(), free_port()
     with running_daemon({"wait_ready": True}, {
@@ -95,6 +96,7 @@ def test_status_table_json_and_exit_codes(request: pytest.FixtureRequest) -> Non
                                    "start it: systemctl start mi50d")
 
 
+@pytest.mark.llama
 def test_start_waits_until_running_then_stop(request: pytest.FixtureRequest) -> None:
     port = free_port()
     with running_daemon({}, {"tiny": server_instance(request, port)}) as d:
@@ -130,6 +132,7 @@ def test_start_failure_shows_reason_diagnosis_and_last_lines() -> None:
         assert f"  {line}" in result.stderr.splitlines()
 
 
+@pytest.mark.llama
 def test_start_no_wait_and_restart(request: pytest.FixtureRequest) -> None:
     port = free_port()
     with running_daemon({"wait_ready": True}, {"r": server_instance(request, port,
@@ -149,6 +152,7 @@ def test_start_no_wait_and_restart(request: pytest.FixtureRequest) -> None:
         assert _health(port) == 200
 
 
+@pytest.mark.llama
 def test_reload_restarts_only_the_changed_instance(request: pytest.FixtureRequest) -> None:
     a, b = free_port(), free_port()
     with running_daemon({"wait_ready": True}, {
@@ -168,6 +172,7 @@ def test_reload_restarts_only_the_changed_instance(request: pytest.FixtureReques
         assert now["b"]["pid"] != pids["b"] and now["b"]["state"] == "running"
 
 
+@pytest.mark.llama
 def test_reload_with_a_broken_file_keeps_the_running_set(request: pytest.FixtureRequest) -> None:
     port = free_port()
     with running_daemon({"wait_ready": True}, {"a": server_instance(request, port,
@@ -189,6 +194,7 @@ def test_reload_with_a_broken_file_keeps_the_running_set(request: pytest.Fixture
         assert _health(port) == 200
 
 
+@pytest.mark.llama
 def test_logs_last_lines_and_follow(request: pytest.FixtureRequest) -> None:
     port = free_port()
     with running_daemon({"wait_ready": True}, {"a": server_instance(request, port,
@@ -212,6 +218,7 @@ def test_logs_last_lines_and_follow(request: pytest.FixtureRequest) -> None:
             follower.terminate()
 
 
+@pytest.mark.llama
 def test_permission_denied_names_the_group(request: pytest.FixtureRequest) -> None:
     with running_daemon({}, {"a": server_instance(request, free_port())}) as d:
         os.chmod(d.workdir, 0o755)  # nobody may reach the socket, not use it
