@@ -58,8 +58,8 @@ def build_llama(source: Path, backend: str, targets: str | None, tools: tuple[st
         gfx = build.resolve_targets(targets, env, sysfs_root) if kind == "hip" else ()
         plan = build.plan_build(source, root, kind, build.select_tools(source, tools), gfx,
                                 jobs=jobs, hip=hip, generator=generator)
-        if kind == "hip":
-            click.echo(f"building for {', '.join(gfx)} with ROCm at {hip and hip.rocm_path}")
+        if hip is not None:
+            click.echo(f"hip build for {', '.join(gfx)}; ROCm at {hip.rocm_path}")
         result = build.build(plan, env, force=force)
         removed = build.prune(root, prune) if prune else []
     except build.BuildError as exc:
