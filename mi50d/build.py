@@ -56,6 +56,7 @@ class HipToolchain:
 
     clang_dir: Path
     rocm_path: Path
+    version: str = ""  # `hipconfig --version`: a ROCm upgrade in place changes the fingerprint
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class BuildPlan:
     env: dict[str, str]  # set on top of the caller's environment
     configure: list[str]
     build: list[str]
+    toolchain: str = ""  # the compiler's version where it matters (hip)
 
     @property
     def work_dir(self) -> Path:
@@ -75,9 +77,12 @@ class BuildPlan:
 
     def fingerprint(self, content_id: str) -> str:
         """Identifies what a build produces; `-j` is left out since it does not change the result."""
-        key = {"source": str(self.source), "content": content_id, "backend": self.backend,
-               "targets": self.targets, "tools": self.tools, "env": self.env,
-               "configure": self.configure}
+        key: dict[str, object] = {
+            "source": str(self.source), "content": content_id, "backend": self.backend,
+            "targets": self.targets, "tools": self.tools, "env": self.env,
+            "configure": self.configure}
+        if self.toolchain:
+            key["toolchain"] = self.toolchain
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
@@ -170,7 +175,8 @@ def plan_build(source: Path, root: Path, backend: Backend, tools: Sequence[str],
              "--target", *tools]
     return BuildPlan(source=source, root=root, backend=backend,
                      targets=tuple(targets) if backend == "hip" else (), tools=tuple(tools),
-                     env=env, configure=configure, build=build)
+                     env=env, configure=configure, build=build,
+                     toolchain=hip.version if hip is not None else "")
 
 
 # --- the host: programs on PATH ---------------------------------------------------------------
@@ -207,21 +213,23 @@ def check_programs(backend: Backend, env: Mapping[str, str]) -> str | None:
 
 def hip_toolchain(env: Mapping[str, str]) -> HipToolchain:
     """Ask hipconfig where ROCm's clang and ROCm itself are."""
-    def ask(flag: str) -> Path:
+    def ask(flag: str) -> str:
         proc = subprocess.run(["hipconfig", flag], env=dict(env), capture_output=True, text=True,
                               check=False)
         if proc.returncode != 0 or not proc.stdout.strip():
             raise BuildError(f"hipconfig {flag} failed (exit {proc.returncode}): "
                              f"{proc.stderr.strip()[:200]}")
-        return Path(proc.stdout.strip().splitlines()[-1])
-    return HipToolchain(clang_dir=ask("-l"), rocm_path=ask("-R"))
+        return proc.stdout.strip().splitlines()[-1]
+    return HipToolchain(clang_dir=Path(ask("-l")), rocm_path=Path(ask("-R")),
+                        version=ask("--version"))
 
 
-def content_id(source: Path) -> str:
-    """A hash of every file in the source tree, except .git and build trees inside it."""
+def content_id(source: Path, skip: Path | None = None) -> str:
+    """A hash of every file in the source tree, except .git, build trees and `skip` (a build root
+    placed inside the source)."""
     digest = hashlib.sha256()
     for dirpath, dirnames, filenames in os.walk(source):
-        dirnames[:] = sorted(d for d in dirnames if d != ".git"
+        dirnames[:] = sorted(d for d in dirnames if d != ".git" and Path(dirpath, d) != skip
                              and not (Path(dirpath, d) / "CMakeCache.txt").exists())
         for name in sorted(filenames):
             path = Path(dirpath, name)
@@ -335,7 +343,7 @@ def build(plan: BuildPlan, base_env: Mapping[str, str], *, force: bool = False,
     """
     root = plan.root
     with _locked(root):
-        content = content_id(plan.source)
+        content = content_id(plan.source, skip=root)
         fingerprint = plan.fingerprint(content)
         if not force:
             for prefix, old in list_builds(root):
@@ -360,7 +368,8 @@ def build(plan: BuildPlan, base_env: Mapping[str, str], *, force: bool = False,
                 "id": build_id, "created": datetime.now(UTC).isoformat(timespec="microseconds"),
                 "source": str(plan.source), "content_id": content, "backend": plan.backend,
                 "targets": list(plan.targets), "tools": list(plan.tools),
-                "env": plan.env, "configure": plan.configure, "build": plan.build,
+                "env": plan.env, "toolchain": plan.toolchain, "configure": plan.configure,
+                "build": plan.build,
                 "fingerprint": fingerprint, "version": version,
             }
             (staging / "build.json").write_text(json.dumps(record, indent=2) + "\n")

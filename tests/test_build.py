@@ -110,6 +110,16 @@ def test_hip_plan_for_two_mi50() -> None:
                           "Release", "-j2", "--target", "llama-server"]
 
 
+def test_fingerprint_follows_rocm_not_jobs() -> None:
+    def plan(jobs: int, rocm: str) -> build.BuildPlan:
+        hip = build.HipToolchain(ROCM.clang_dir, ROCM.rocm_path, version=rocm)
+        return build.plan_build(Path("/s"), Path("/r"), "hip", ("llama-server",), ("gfx906",),
+                                jobs=jobs, hip=hip)
+    assert plan(2, "6.3.42134").fingerprint("c") == plan(16, "6.3.42134").fingerprint("c")
+    assert plan(2, "6.3.42134").fingerprint("c") != plan(2, "6.4.43482").fingerprint("c")
+    assert plan(2, "6.3.42134").fingerprint("c") != plan(2, "6.3.42134").fingerprint("d")
+
+
 def test_target_precedence(tmp_path: Path) -> None:
     env = {"LLAMACPP_ROCM_ARCH": "gfx908"}
     assert build.resolve_targets("gfx90a,gfx906", env, FIXTURE_SYS) == ("gfx90a", "gfx906")
