@@ -101,6 +101,7 @@ def debian_root() -> Path:
             )
             _prepare_root(tmp)
             tmp.rename(final)
+            _prune(final.parent, f"{SUITE}-*", keep={final})
         except subprocess.CalledProcessError as exc:
             raise RuntimeError(f"debootstrap failed:\n{exc.stderr[-4000:]}") from exc
         finally:
@@ -119,6 +120,13 @@ def _prepare_root(root: Path) -> None:
         link.symlink_to("/dev/null")
     shutil.rmtree(root / "var" / "cache" / "apt" / "archives", ignore_errors=True)
     (root / "var" / "cache" / "apt" / "archives" / "partial").mkdir(parents=True)
+
+
+def _prune(directory: Path, pattern: str, keep: set[Path]) -> None:
+    """Drop cached artefacts of older inputs (directories only; locks and temporaries stay)."""
+    for path in directory.glob(pattern):
+        if path.is_dir() and not path.name.startswith(".") and path not in keep:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,7 +154,7 @@ def source_key(repo: Path) -> str:
 def build_deb(repo: Path) -> Path:
     """Build the .deb from the repository's files; cached by their content (rebuilt on change)."""
     out_dir = cache_root() / "deb" / source_key(repo)
-    with _locked(out_dir.with_name(out_dir.name + ".lock")):
+    with _locked(out_dir.parent / ".lock"):
         debs = sorted(out_dir.glob("mi50d_*.deb"))
         if debs:
             return debs[-1]
@@ -169,6 +177,9 @@ def build_deb(repo: Path) -> Path:
             for deb in built:
                 shutil.copy2(deb, staging / deb.name)
             staging.rename(out_dir)
+            builds = [p for p in out_dir.parent.iterdir() if p.is_dir() and p.name[0] != "."]
+            newest = sorted(builds, key=lambda p: p.stat().st_mtime)[-3:]
+            _prune(out_dir.parent, "*", keep={out_dir, *newest})
         return sorted(out_dir.glob("mi50d_*.deb"))[-1]
 
 
@@ -191,6 +202,8 @@ class Machine:
         self.nspawn = subprocess.Popen(
             ["systemd-nspawn", "--quiet", "--register=no", "--keep-unit", "--boot",
              "--volatile=overlay", "--console=read-only", f"--directory={root}",
+             # Its own network namespace: instances' ports cannot clash with the host's.
+             "--private-network",
              f"--bind-ro={host_dir}:{HOST_DIR_IN_CONTAINER}", "--machine=mi50d-e2e"],
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
             start_new_session=True,
