@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import shlex
 import sys
 import tempfile
 import time
@@ -138,8 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         facts["models"] = models.describe
         facts["wall time"] = f"{total:.0f} s"
         write_report(args.out, rows, broken, facts, command,
-                     datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-                     " ".join(shlex.quote(a) for a in sys.argv[1:]))
+                     datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"))
         print(f"wrote {args.out}")
     return 1 if broken else 0
 

@@ -70,11 +70,10 @@ def generated(rows: Sequence[Row], broken: Sequence[str], facts: dict[str, str],
 
 
 def write_report(path: Path, rows: Sequence[Row], broken: Sequence[str], facts: dict[str, str],
-                 command: str, date: str, args: str) -> None:
+                 command: str, date: str) -> None:
     text = path.read_text() if path.exists() else TEMPLATE
     if BEGIN not in text or END not in text:
         text = TEMPLATE + "\n" + text
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
-    del args  # the command line is already in `command`
     path.write_text(head + generated(rows, broken, facts, command, date) + tail)

@@ -73,29 +73,9 @@ def paired(section: str, figure: str, unit: str, values: Sequence[float],
                Summary.of(ratios) if ratios else None, Summary.of(diffs), goal, met, fmt)
 
 
-def unpaired(section: str, figure: str, unit: str, values: Sequence[float],
-             baselines: Sequence[float] | None = None, baseline_label: str = "", *,
-             goal: str = "", met: bool | None = None, fmt: str = ".1f") -> Row:
-    """A row whose baseline samples were not taken in pairs: ratio and difference of medians."""
-    value = Summary.of(values)
-    if baselines is None:
-        return Row(section, figure, unit, value, goal=goal, met=met, fmt=fmt)
-    base = Summary.of(baselines)
-    ratio = Summary(1, value.median / base.median, value.median / base.median,
-                    value.median / base.median, "of medians") if base.median > 0 else None
-    diff = Summary(1, value.median - base.median, value.median - base.median,
-                   value.median - base.median, "of medians")
-    return Row(section, figure, unit, value, base, baseline_label, ratio, diff, goal, met, fmt)
-
-
 def _cells(row: Row) -> list[str]:
     ratio = row.ratio.text(".2f") if row.ratio else ""
-    if row.ratio and row.ratio.spread == "of medians":
-        ratio = f"{row.ratio.median:.2f} (medians)"
-    diff = ""
-    if row.diff:
-        diff = f"{row.diff.median:+{row.fmt}}" if row.diff.spread == "of medians" else \
-            row.diff.text("+" + row.fmt)
+    diff = row.diff.text("+" + row.fmt) if row.diff else ""
     met = {None: "", True: "met", False: "MISSED"}[row.met]
     return [
         row.section,
