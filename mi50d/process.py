@@ -48,14 +48,16 @@ def _child_setup(account: Account | None, parent: int) -> Callable[[], None]:
     libc = ctypes.CDLL(None, use_errno=True)
 
     def setup() -> None:
-        # Runs in the forked child before exec. Die with the daemon, whatever kills it.
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent:  # the daemon died between fork and prctl
-            os._exit(1)
+        # Runs in the forked child before exec. First the account: the kernel clears the
+        # parent-death signal whenever the effective uid or gid changes, so it comes after.
         if account is not None:
             os.setgroups(list(account.groups))
             os.setgid(account.gid)
             os.setuid(account.uid)
+        # Die with the daemon, whatever kills it (kill -9 included).
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the daemon died between fork and prctl
+            os._exit(1)
 
     return setup
 

@@ -7,6 +7,7 @@ import os
 import pwd
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -62,3 +63,40 @@ async def test_instances_run_as_the_configured_user(tmp_path: Path) -> None:
         assert fields["Gid"][:2] == [str(nobody.pw_gid)] * 2
         # Not the daemon's groups: root's supplementary groups are not inherited.
         assert "0" not in fields.get("Groups", [])
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
+            for c in (task / "children").read_text().split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching accounts needs root")
+def test_kill_9_of_the_daemon_kills_children_running_as_another_user(tmp_path: Path) -> None:
+    """The kernel clears the parent-death signal when a process changes uid, so mi50d must set it
+    after switching to the instance's account; this is that case, with a real SIGKILL."""
+    cfg = write_config(tmp_path / "conf", fake_daemon(user="nobody"), {
+        "sandboxed": {"model": "/dev/null", "port": free_port(), "autostart": True,
+                      "env": fake_env()}})
+    with subprocess.Popen([MI50D, "--config-dir", str(cfg), "--socket", str(tmp_path / "s")],
+                          stderr=subprocess.PIPE) as daemon:
+        assert daemon.stderr is not None
+        for raw in daemon.stderr:  # the daemon's log is the contract
+            if b"new=running" in raw:
+                break
+        (child,) = _children(daemon.pid)
+        assert _proc_status(child)["Uid"][0] == str(pwd.getpwnam("nobody").pw_uid)
+        daemon.kill()
+        daemon.wait()
+        for _ in range(200):  # the kernel delivers SIGKILL as the daemon exits
+            if not _alive(child):
+                break
+            time.sleep(0.05)
+        assert not _alive(child)
