@@ -258,8 +258,13 @@ class Instance:
         self._set_state(State.RUNNING, f"{cfg.path} answered 200")
         failures = 0
         host, port = self._probe_address()
+        # Probes keep a fixed schedule (a slow, timed-out probe does not push the next one
+        # back), so a hang is caught within interval_s * failures + timeout_s.
+        clock = asyncio.get_running_loop().time
+        due = clock()
         while True:
-            await asyncio.sleep(cfg.interval_s)
+            due = max(due + cfg.interval_s, clock())
+            await asyncio.sleep(due - clock())
             result = await probe(host, port, cfg.path, cfg.timeout_s)
             if result.ok:
                 if failures:
