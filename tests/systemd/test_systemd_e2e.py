@@ -262,6 +262,23 @@ def test_1_enable_now_reports_status(machine: Machine) -> None:
     assert m.show("mi50d.service", "NRestarts") == "0"
 
 
+def reinstall(m: Machine) -> None:
+    """Reinstall the same .deb: dpkg runs the upgrade paths of the maintainer scripts (prerm
+    upgrade, postinst configure), the ones that would restart the daemon."""
+    m.sh(f"apt-get install -y --reinstall {HOST_DIR_IN_CONTAINER}/mi50d_*.deb")
+
+
+def test_1_upgrade_does_not_restart_the_daemon(machine: Machine) -> None:
+    m = machine
+    start_daemon(m)
+    before, restarts = main_pid(m), m.show("mi50d.service", "NRestarts")
+    reinstall(m)
+    assert active(m) == "active"
+    assert main_pid(m) == before
+    assert m.show("mi50d.service", "NRestarts") == restarts
+    assert active(m, "mi50d.socket") == "active"
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. mi50ctl through the socket: group members may, others may not
 
@@ -434,6 +451,15 @@ def test_7_frozen_daemon_is_killed_by_the_watchdog(machine: Machine) -> None:
     finally:
         m.run("rm", "-f", dropin)
         m.run("systemctl", "daemon-reload")
+
+
+@pytest.mark.xfail(strict=True, reason=NEEDS_CONTROL)
+def test_7_upgrade_keeps_instances_running(with_llama: Machine) -> None:
+    m = with_llama
+    tiny = start_tiny(m)
+    reinstall(m)
+    assert pid_on_port(m, TINY_PORT) == tiny
+    assert healthy(m, TINY_PORT)
 
 
 # ---------------------------------------------------------------------------------------------
