@@ -170,15 +170,32 @@ class _Reader:
         raise GGUFError(f"unknown metadata value type {kind} at byte {self.f.tell() - 4}: corrupt")
 
 
+_CACHE: dict[tuple[str, int, int, int, int], GGUFInfo] = {}
+_CACHE_SIZE = 64
+
+
 def read_gguf(path: Path) -> GGUFInfo:
-    """Read and validate `path`'s header; raise GGUFError (OSError for I/O) if it is not usable."""
+    """Read and validate `path`'s header; raise GGUFError (OSError for I/O) if it is not usable.
+
+    A good result is remembered by (path, device, inode, size, mtime): preflight runs before every
+    start, respawns included, and decoding a 150k-token vocabulary costs ~100 ms each time. A file
+    that changes in any of those gets read again; errors are never remembered.
+    """
     with path.open("rb", buffering=1 << 20) as f:
-        info = _parse(_Reader(f, os.fstat(f.fileno()).st_size), path)
+        st = os.fstat(f.fileno())
+        key = (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        cached = _CACHE.get(key)
+        if cached is not None:
+            return cached
+        info = _parse(_Reader(f, st.st_size), path)
     if info.data_end > info.file_size:
         missing = info.data_end - info.file_size
         raise GGUFError(f"truncated: tensor data ends at byte {info.data_end} but the file has "
                         f"{info.file_size} ({missing} bytes missing; an interrupted download "
                         "or copy?)")
+    if len(_CACHE) >= _CACHE_SIZE:
+        _CACHE.clear()
+    _CACHE[key] = info
     return info
 
 

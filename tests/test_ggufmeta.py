@@ -106,3 +106,13 @@ def test_mmproj_is_recognised(tmp_path: Path) -> None:
     assert info.is_mmproj
     assert info.metadata["general.type"] == "mmproj"
     assert info.tensor_bytes == 64 * 48 * 2 + 128 * 64 * 4
+
+
+def test_unchanged_file_is_read_once_and_a_changed_one_again(tmp_path: Path) -> None:
+    path = write_model(tmp_path / "m.gguf")
+    first = read_gguf(path)
+    assert read_gguf(path) is first  # remembered: same path, inode, size and mtime
+    with path.open("r+b") as f:  # truncated in place: same inode, new size
+        f.truncate(path.stat().st_size - 100)
+    with pytest.raises(GGUFError, match="truncated"):
+        read_gguf(path)
