@@ -11,7 +11,7 @@ from mi50ctl.client import Client
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--socket", "socket_path", envvar="MI50D_SOCKET", metavar="PATH",
               help="mi50d's control socket (default: `socket` in /etc/mi50d/mi50d.toml, else "
-                   "/run/mi50d/control.sock or /run/mi50d.sock).")
+                   "/run/mi50d/control.sock).")
 @click.pass_context
 def cli(ctx: click.Context, socket_path: str | None) -> None:
     """Control mi50d, the llama-server supervisor for AMD MI50 GPUs."""

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from mi50d.protocol import (
-    ACTIVATED_SOCKET,
     DEFAULT_SOCKET,
     ErrorFrame,
     EventFrame,
@@ -73,9 +72,6 @@ def resolve_socket(explicit: str | None) -> str:
         configured = None
     if isinstance(configured, str) and configured:
         return configured
-    for candidate in (DEFAULT_SOCKET, ACTIVATED_SOCKET):
-        if os.path.exists(candidate):
-            return candidate
     return DEFAULT_SOCKET
 
 

@@ -36,4 +36,5 @@ def resolve_account(user: str) -> Account | None:
     for name in ROCM_GROUPS:
         with contextlib.suppress(KeyError):
             groups.add(grp.getgrnam(name).gr_gid)
-    return Account(name=user, uid=pw.pw_uid, gid=pw.pw_gid, groups=tuple(sorted(groups)))
+    return Account(name=user, uid=pw.pw_uid, gid=pw.pw_gid, groups=tuple(sorted(groups)),
+                   home=pw.pw_dir)

@@ -177,7 +177,8 @@ class Instance:
                 return Ended(Outcome.FATAL, f"preflight failed: {problem}")
         spec = SpawnSpec(
             argv=self.config.argv(self.daemon),
-            env=self.config.environment(os.environ),
+            env=self.config.environment(
+                {**os.environ, **(self.account.environment() if self.account else {})}),
             account=self.account,
             on_line=self._take_line,
         )

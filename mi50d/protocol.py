@@ -33,9 +33,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 PROTOCOL_VERSION = 1
 MAX_LINE = 64 * 1024
 # The daemon's default socket when mi50d.toml says nothing (mirrors config.DEFAULT_SOCKET, which a
-# test keeps equal); the socket unit of the Debian package listens on ACTIVATED_SOCKET.
+# test keeps equal); the Debian package's mi50d.socket listens on the same path.
 DEFAULT_SOCKET = "/run/mi50d/control.sock"
-ACTIVATED_SOCKET = "/run/mi50d.sock"
 
 
 class ErrorCode(StrEnum):

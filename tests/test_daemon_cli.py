@@ -43,6 +43,11 @@ def test_broken_config_exits_78_naming_file_and_key(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
 
 
+def _proc_environ(pid: int | None) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+
+
 def _proc_status(pid: int | None) -> dict[str, list[str]]:
     lines = Path(f"/proc/{pid}/status").read_text().splitlines()
     return {k: v.split() for k, v in (line.split(":", 1) for line in lines)}
@@ -63,6 +68,8 @@ async def test_instances_run_as_the_configured_user(tmp_path: Path) -> None:
         assert fields["Gid"][:2] == [str(nobody.pw_gid)] * 2
         # Not the daemon's groups: root's supplementary groups are not inherited.
         assert "0" not in fields.get("Groups", [])
+        env = _proc_environ(pid)
+        assert (env["HOME"], env["USER"]) == (nobody.pw_dir, "nobody")
 
 
 def _children(pid: int) -> list[int]:

@@ -29,15 +29,11 @@ pytestmark = [pytest.mark.systemd, pytest.mark.timeout(900)]
 
 REPO = Path(__file__).resolve().parents[2]
 LLAMA_DIR = "/var/lib/mi50d/llama/current/bin"  # DaemonConfig.llama_server's default lives here
-SOCKET = "/run/mi50d.sock"
+SOCKET = "/run/mi50d/control.sock"
 TINY_PORT = 18080
 TINY2_PORT = 18081
 MOUNTED_PORT = 18082
 
-# mi50ctl reads `socket` from /etc/mi50d/mi50d.toml, which still names /run/mi50d/control.sock;
-# with socket activation the daemon listens where mi50d.socket says: /run/mi50d.sock.
-NEEDS_CONTROL = ("needs etc/mi50d/mi50d.toml `socket` (and config.DEFAULT_SOCKET) to be "
-                 "/run/mi50d.sock, mi50d.socket's ListenStream")
 
 
 def _have_root_tools() -> bool:
@@ -295,7 +291,6 @@ def test_2_socket_refuses_users_outside_the_group(machine: Machine) -> None:
     assert member.stdout.strip() == "connected", member.stderr
 
 
-@pytest.mark.xfail(strict=True, reason=NEEDS_CONTROL)
 def test_2_member_starts_an_instance_that_answers(with_llama: Machine) -> None:
     m = with_llama
     start_tiny(m)
@@ -312,7 +307,6 @@ def test_2_member_starts_an_instance_that_answers(with_llama: Machine) -> None:
 # 3. Crash and hang of llama-server
 
 
-@pytest.mark.xfail(strict=True, reason=NEEDS_CONTROL)
 def test_3_killed_and_frozen_servers_are_restarted(with_llama: Machine) -> None:
     m = with_llama
     first = start_tiny(m)
@@ -334,7 +328,6 @@ def test_3_killed_and_frozen_servers_are_restarted(with_llama: Machine) -> None:
 # 4. Reload
 
 
-@pytest.mark.xfail(strict=True, reason=NEEDS_CONTROL)
 def test_4_reload_restarts_only_the_changed_instance(with_llama: Machine) -> None:
     m = with_llama
     tiny = start_tiny(m)
@@ -383,7 +376,6 @@ Options=bind,ro
 """
 
 
-@pytest.mark.xfail(strict=True, reason=NEEDS_CONTROL)
 def test_5_instance_on_an_inactive_mount_unit(with_llama: Machine) -> None:
     m = with_llama
     m.run("mkdir", "-p", "/mnt/models")
@@ -410,7 +402,6 @@ def test_5_instance_on_an_inactive_mount_unit(with_llama: Machine) -> None:
 # 6. The daemon dies; the daemon stops
 
 
-@pytest.mark.xfail(strict=True, reason=NEEDS_CONTROL)
 def test_6_killed_daemon_is_restarted_without_orphans(with_llama: Machine) -> None:
     m = with_llama
     start_tiny(m)
@@ -453,7 +444,6 @@ def test_7_frozen_daemon_is_killed_by_the_watchdog(machine: Machine) -> None:
         m.run("systemctl", "daemon-reload")
 
 
-@pytest.mark.xfail(strict=True, reason=NEEDS_CONTROL)
 def test_7_upgrade_keeps_instances_running(with_llama: Machine) -> None:
     m = with_llama
     tiny = start_tiny(m)
