@@ -170,7 +170,7 @@ class Supervisor:
 
     def status(self, name: str | None = None) -> list[InstanceStatus]:
         chosen: Iterable[Instance] = (
-            [self.get(name)] if name else (self._instances[n] for n in self.names())
+            [self.get(name)] if name is not None else (self._instances[n] for n in self.names())
         )
         return [status_of(i) for i in chosen]
 
