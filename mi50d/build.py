@@ -164,8 +164,12 @@ def plan_build(source: Path, root: Path, backend: Backend, tools: Sequence[str],
         configure += ["-DGGML_HIP=ON", f"-DAMDGPU_TARGETS={';'.join(targets)}",
                       "-DCMAKE_BUILD_TYPE=Release"]
     else:
+        # The cpu build serves tests and demos: no web UI, so cmake does not try to download one
+        # from a model hub (the prebuilt-UI default), which machines with only package
+        # registries cannot reach.
         configure += ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=OFF", "-DLLAMA_BUILD_TESTS=OFF",
-                      "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_OPENSSL=OFF"]
+                      "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_OPENSSL=OFF",
+                      "-DLLAMA_USE_PREBUILT_UI=OFF"]
     configure.append("-DCMAKE_BUILD_RPATH_USE_ORIGIN=ON")
     if any(t in TOOL_TARGETS["rpc-server"] for t in tools):
         configure.append("-DGGML_RPC=ON")

@@ -49,7 +49,7 @@ def test_cpu_build_serves_chat(llama_server: Path, llama_source: Path, tiny_mode
     assert record["configure"] == [
         "cmake", "-S", str(llama_source), "-B", str(work), "-DCMAKE_BUILD_TYPE=Release",
         "-DGGML_NATIVE=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
-        "-DLLAMA_OPENSSL=OFF", "-DCMAKE_BUILD_RPATH_USE_ORIGIN=ON"]
+        "-DLLAMA_OPENSSL=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DCMAKE_BUILD_RPATH_USE_ORIGIN=ON"]
     assert record["tools"] == ["llama-server"]
     assert record["version"].startswith("version: ")
 
