@@ -13,6 +13,7 @@ from typing import IO, Any
 
 from mi50d.protocol import (
     DaemonInfo,
+    GpuStatus,
     InstanceStatus,
     ReloadResult,
     StartProgress,
@@ -82,8 +83,27 @@ def daemon_line(info: DaemonInfo) -> str:
             f"config {info.config_dir}  socket {info.socket}")
 
 
+def _gib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**30:.1f}"
+
+
+def gpu_table(gpus: Sequence[GpuStatus]) -> str:
+    """One row per GPU: VRAM in GiB, busy %, temperatures in °C, power in W."""
+    header = ("GPU", "GFX", "VRAM USED/TOTAL", "BUSY", "EDGE/JUNCTION/MEM", "POWER")
+    rows = []
+    for g in gpus:
+        temps = "/".join(f"{g.temperatures_c[k]:.0f}" if k in g.temperatures_c else "-"
+                         for k in ("edge", "junction", "mem"))
+        rows.append((str(g.index), g.gfx, f"{_gib(g.vram_used)}/{_gib(g.vram_total)} GiB",
+                     "-" if g.busy_percent is None else f"{g.busy_percent}%", f"{temps} °C",
+                     "-" if g.power_w is None else f"{g.power_w:.0f} W"))
+    return table(header, rows)
+
+
 def status_text(result: StatusResult, with_daemon: bool) -> str:
     body = status_table(result.instances) if result.instances else "no instances configured"
+    if with_daemon and result.gpus:
+        body = f"{body}\n\n{gpu_table(result.gpus)}"
     return f"{daemon_line(result.daemon)}\n\n{body}" if with_daemon else body
 
 

@@ -18,9 +18,12 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel
 
 from mi50d import __version__
+from mi50d.config import HostPaths
 from mi50d.events import Event
+from mi50d.gpus import list_gpus
 from mi50d.protocol import (
     DaemonInfo,
+    GpuStatus,
     InstancesResult,
     InstanceStatus,
     LogsArgs,
@@ -63,7 +66,17 @@ async def status(daemon: Daemon, args: StatusArgs, emit: Emit) -> StatusResult:
     info = DaemonInfo(version=__version__, pid=os.getpid(), config_dir=str(daemon.config_dir),
                       socket=str(daemon.socket_path),
                       uptime_s=round(time.monotonic() - daemon.started, 3))
-    return StatusResult(daemon=info, instances=daemon.supervisor.status(args.name))
+    instances = daemon.supervisor.status(args.name)
+    gpus = await asyncio.to_thread(gpu_status, daemon.supervisor.config.daemon.host)
+    return StatusResult(daemon=info, instances=instances, gpus=gpus)
+
+
+def gpu_status(host: HostPaths) -> list[GpuStatus]:
+    """Telemetry of every GPU in the KFD topology, read from sysfs (a worker thread's job)."""
+    return [GpuStatus(index=g.index, gfx=g.gfx, card=g.card, pci=g.pci_address,
+                      vram_total=g.vram_total, vram_used=g.vram_used, busy_percent=g.busy_percent,
+                      temperatures_c=dict(g.temperatures_c), power_w=g.power_w)
+            for g in list_gpus(host)]
 
 
 async def start(daemon: Daemon, args: StartArgs, emit: Emit) -> StartResult:

@@ -180,9 +180,24 @@ class _Envelope(BaseModel):
 # ---- results and events --------------------------------------------------------------------------
 
 
+class GpuStatus(_Model):
+    """One GPU as sysfs shows it (no rocm-smi): index = ROCR_VISIBLE_DEVICES index."""
+
+    index: int
+    gfx: str
+    card: str | None = None
+    pci: str | None = None
+    vram_total: int | None = None  # bytes
+    vram_used: int | None = None  # bytes
+    busy_percent: int | None = None
+    temperatures_c: dict[str, float] = Field(default_factory=dict)  # edge, junction, mem
+    power_w: float | None = None
+
+
 class StatusResult(_Model):
     daemon: DaemonInfo
     instances: list[InstanceStatus]
+    gpus: list[GpuStatus] = Field(default_factory=list)
 
 
 class StartProgress(_Model):
