@@ -54,7 +54,12 @@ def _endpoint(st: InstanceStatus) -> str:
 
 
 def _gpus(st: InstanceStatus) -> str:
-    return "all" if st.gpus is None else ",".join(str(g) for g in st.gpus) or "none"
+    """`0,1`, or with what it holds: `0(13.0GiB),1(2.1GiB)`."""
+    indices = sorted(st.vram) if st.gpus is None and st.vram else st.gpus
+    if indices is None:
+        return "all"
+    return ",".join(f"{g}({st.vram[g] / 2**30:.1f}GiB)" if g in st.vram else str(g)
+                    for g in indices) or "none"
 
 
 def _note(st: InstanceStatus) -> str:

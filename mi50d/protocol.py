@@ -75,6 +75,7 @@ class InstanceStatus(_Model):
     restarts: int = 0
     last_exit: str | None = None  # "exit 1", "signal 9 (SIGKILL)", ...
     gpus: tuple[int, ...] | None = None
+    vram: dict[int, int] = Field(default_factory=dict)  # bytes held per GPU index, when known
     diagnosis: str | None = None
     last_lines: tuple[str, ...] = ()  # output kept with the last failure
 

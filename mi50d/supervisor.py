@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from mi50d.accounts import resolve_account
 from mi50d.config import Config, InstanceConfig
 from mi50d.events import Hub
+from mi50d.gpumem import process_vram
 from mi50d.hostwiring import degraded_reason, diagnose_failure, preflight_job
 from mi50d.instance import Instance
 from mi50d.preflight import Other
@@ -71,7 +72,7 @@ class Supervisor:
         account = resolve_account(daemon.user)
 
         def preflight(conf: InstanceConfig) -> Callable[[], str | None]:
-            return preflight_job(conf, daemon, account, self._others(conf.name))
+            return preflight_job(conf, daemon, account, self.others(conf.name))
 
         inst = Instance(
             config,
@@ -158,11 +159,12 @@ class Supervisor:
         self._changed(None)
         return report
 
-    def _others(self, name: str) -> list[Other]:
-        """The other instances, for the port and VRAM checks of `name`."""
+    def others(self, name: str) -> list[Other]:
+        """The other instances, for the port and VRAM checks of `name`: what each alive one
+        holds per GPU, from the KFD (else from buffer sizes in its output, at debug verbosity)."""
         return [
             Other(i.name, i.config.host, i.config.port, running=i.state in ALIVE,
-                  vram=parse_buffers(i.lines).per_gpu(i.config.gpus) if i.state in ALIVE else {})
+                  vram=vram_held(i) if i.state in ALIVE else {})
             for i in self._instances.values() if i.name != name
         ]
 
@@ -202,6 +204,14 @@ def _launch_key(conf: InstanceConfig, config: Config) -> tuple[object, ...]:
             config.daemon.user, config.daemon.log_lines)
 
 
+def vram_held(inst: Instance) -> dict[int, int]:
+    if inst.pid is not None:
+        held = process_vram(inst.daemon.host.sysfs_root, inst.pid)
+        if held:
+            return held
+    return parse_buffers(inst.lines).per_gpu(inst.config.gpus)
+
+
 def status_of(inst: Instance) -> InstanceStatus:
     conf = inst.config
     return InstanceStatus(
@@ -218,6 +228,7 @@ def status_of(inst: Instance) -> InstanceStatus:
         restarts=inst.restarts,
         last_exit=inst.last_exit,
         gpus=conf.gpus,
+        vram=vram_held(inst) if inst.state in ALIVE else {},
         diagnosis=inst.diagnosis,
         last_lines=inst.last_lines,
     )

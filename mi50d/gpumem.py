@@ -1,0 +1,47 @@
+"""The VRAM a process holds on each GPU, from the KFD's per-process files in sysfs.
+
+The kernel's KFD lists every process that opened /dev/kfd under `<sysfs>/class/kfd/kfd/proc/<pid>/`
+with one `vram_<gpu_id>` file per GPU (bytes; what rocm-smi --showpids reads). `gpu_id` is the
+topology node's `gpu_id` file; the GPU's index is its place among the GPU nodes, the same index
+`gpus` and ROCR_VISIBLE_DEVICES use. llama-server prints its buffer sizes only at debug verbosity
+(~35 lines per request in this version), so this is how mi50d knows what a running instance holds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mi50d import kfd
+
+PROC = Path("class/kfd/kfd/proc")
+
+
+def gpu_indices(sysfs_root: Path) -> dict[int, int]:
+    """{gpu_id: index} for the GPU nodes of the topology."""
+    out: dict[int, int] = {}
+    gpu_nodes = [n for n, p in kfd.node_properties(sysfs_root).items()
+                 if p.get("gfx_target_version", 0) > 0]
+    for index, node in enumerate(gpu_nodes):
+        try:
+            gpu_id = int((sysfs_root / kfd.NODES / str(node) / "gpu_id").read_text())
+        except (OSError, ValueError):
+            continue
+        out[gpu_id] = index
+    return out
+
+
+def process_vram(sysfs_root: Path, pid: int) -> dict[int, int]:
+    """{GPU index: bytes} that `pid` holds; {} for a process that never opened /dev/kfd."""
+    base = sysfs_root / PROC / str(pid)
+    if not base.is_dir():
+        return {}
+    indices = gpu_indices(sysfs_root)
+    held: dict[int, int] = {}
+    for entry in base.glob("vram_*"):
+        try:
+            gpu_id, size = int(entry.name.removeprefix("vram_")), int(entry.read_text())
+        except (OSError, ValueError):
+            continue
+        if gpu_id in indices and size > 0:
+            held[indices[gpu_id]] = size
+    return held
