@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from mi50d.accounts import account_for
 from mi50d.config import load_config
 from mi50d.supervisor import Supervisor
 
@@ -56,7 +57,8 @@ class StateClock:
 
 @contextlib.asynccontextmanager
 async def supervised(directory: Path) -> AsyncIterator[tuple[Supervisor, StateClock]]:
-    sup = Supervisor(load_config(directory))
+    config = load_config(directory)
+    sup = Supervisor(config, account_for(config))
     clock = StateClock(sup)
     async with asyncio.TaskGroup() as tg:
         sup.launch(tg)

@@ -17,6 +17,7 @@ from bench.configs import fake_dir, instance
 from bench.inproc import StateClock, supervised
 from bench.procs import Deadline, health_status
 from bench.stats import Row, Summary, paired
+from mi50d.accounts import account_for
 from mi50d.config import load_config
 from mi50d.supervisor import Supervisor
 
@@ -101,7 +102,7 @@ async def run(work: Path, count: int, reps: int) -> list[Row]:
             _toggle(directory / f"{target}.toml", rep)
             t0 = time.perf_counter()
             new = await asyncio.to_thread(load_config, directory)
-            report = await sup.apply(new)
+            report = await sup.apply(new, account_for(new))
             t1 = time.perf_counter()
             await clock.wait([target], "running", {target: runs + 1}, 60)
             reload_apply.append(t1 - t0)

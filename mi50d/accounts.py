@@ -7,6 +7,7 @@ import grp
 import os
 import pwd
 
+from mi50d.config import DAEMON_FILE, Config, ConfigError
 from mi50d.process import Account
 
 ROCM_GROUPS = ("render", "video")
@@ -14,6 +15,15 @@ ROCM_GROUPS = ("render", "video")
 
 class AccountError(Exception):
     pass
+
+
+def account_for(config: Config) -> Account | None:
+    """The account of `config`'s instances, resolved once when the daemon adopts a configuration
+    (start or reload); a user that does not exist rejects it like any other bad key."""
+    try:
+        return resolve_account(config.daemon.user)
+    except AccountError as exc:
+        raise ConfigError([f"{DAEMON_FILE}: user: {exc}"]) from None
 
 
 def resolve_account(user: str) -> Account | None:

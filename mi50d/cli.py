@@ -17,6 +17,7 @@ from pathlib import Path
 import click
 
 from mi50d import __version__
+from mi50d.accounts import account_for
 from mi50d.config import DEFAULT_CONFIG_DIR, Config, ConfigError, load_config
 
 EX_CONFIG = 78
@@ -72,6 +73,7 @@ def main(config_dir: Path, socket_path: Path | None, check_config: bool, as_json
     """Supervise llama-server instances described by CONFIG_DIR/*.toml, in the foreground."""
     try:
         config = load_config(config_dir)
+        account = account_for(config)
     except ConfigError as exc:
         for problem in exc.problems:
             click.echo(f"mi50d: {problem}", err=True)
@@ -90,7 +92,7 @@ def main(config_dir: Path, socket_path: Path | None, check_config: bool, as_json
     from mi50d.daemon import serve  # the event loop and everything under it
 
     try:
-        uvloop.run(serve(config, socket_path or config.daemon.socket))
+        uvloop.run(serve(config, account, socket_path or config.daemon.socket))
     except ControlSocketError as exc:
         click.echo(f"mi50d: {exc}", err=True)
         sys.exit(EX_CANTCREAT)

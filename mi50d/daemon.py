@@ -16,8 +16,10 @@ import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+from mi50d.accounts import account_for
 from mi50d.config import Config, ConfigError, load_config
 from mi50d.control import ControlServer, ControlSocketError, bind_socket, socket_path_of
+from mi50d.process import Account
 from mi50d.states import State
 from mi50d.supervisor import ReloadReport, Supervisor, UnknownInstance
 from mi50d.systemd import Notifier, announce, listen_socket, ping_watchdog
@@ -46,11 +48,12 @@ class Daemon:
             try:
                 try:
                     new = await asyncio.to_thread(load_config, self.config_dir)
+                    account = account_for(new)
                 except ConfigError as exc:
                     for problem in exc.problems:
                         log.error("reload_rejected %s (running set kept)", problem)
                     raise
-                return await self.supervisor.apply(new)
+                return await self.supervisor.apply(new, account)
             finally:
                 for hook in self.on_reload:
                     hook(False)
@@ -109,9 +112,9 @@ def open_control(daemon: Daemon, config: Config, socket_path: Path) -> ControlSe
     return ControlServer(daemon, sock, socket_path, activated=False)
 
 
-async def serve(config: Config, socket_path: Path) -> None:
+async def serve(config: Config, account: Account | None, socket_path: Path) -> None:
     notifier = Notifier()  # reads NOTIFY_SOCKET/WATCHDOG_* and removes them from os.environ
-    supervisor = Supervisor(config)
+    supervisor = Supervisor(config, account)
     daemon = Daemon(config, socket_path, supervisor)
     control = open_control(daemon, config, socket_path)  # listening before READY=1
     changed = asyncio.Event()

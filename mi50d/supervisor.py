@@ -13,13 +13,13 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from mi50d.accounts import resolve_account
 from mi50d.config import Config, InstanceConfig
 from mi50d.events import Hub
 from mi50d.gpumem import process_vram
 from mi50d.hostwiring import degraded_reason, diagnose_failure, preflight_job
 from mi50d.instance import Instance
 from mi50d.preflight import Other
+from mi50d.process import Account
 from mi50d.protocol import InstanceStatus
 from mi50d.states import ALIVE, State
 from mi50d.vram import parse_buffers
@@ -45,8 +45,9 @@ class ReloadReport:
 
 
 class Supervisor:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, account: Account | None) -> None:
         self.config = config
+        self.account = account  # from accounts.account_for(config)
         self.events = Hub()
         self._instances: dict[str, Instance] = {}
         self._tg: asyncio.TaskGroup | None = None
@@ -69,7 +70,7 @@ class Supervisor:
     def _add(self, config: InstanceConfig) -> Instance:
         assert self._tg is not None, "launch() first"
         daemon = self.config.daemon
-        account = resolve_account(daemon.user)
+        account = self.account
 
         def preflight(conf: InstanceConfig) -> Callable[[], str | None]:
             return preflight_job(conf, daemon, account, self.others(conf.name))
@@ -123,11 +124,11 @@ class Supervisor:
         inst.request_start()
         return inst
 
-    async def apply(self, new: Config) -> ReloadReport:
-        """Move from the running configuration to `new` (already validated)."""
+    async def apply(self, new: Config, account: Account | None) -> ReloadReport:
+        """Move from the running configuration to `new` (validated, its account resolved)."""
         report = ReloadReport()
-        old = self.config
-        self.config = new
+        old, old_account = self.config, self.account
+        self.config, self.account = new, account
         gone = [self._instances.pop(n) for n in list(self._instances) if n not in new.instances]
         report.removed = sorted(i.name for i in gone)
         changed: list[tuple[Instance, InstanceConfig]] = []
@@ -135,7 +136,7 @@ class Supervisor:
             inst = self._instances.get(name)
             if inst is None:
                 report.added.append(name)
-            elif _launch_key(conf, new) != _launch_key(inst.config, old):
+            elif _launch_key(conf, new, account) != _launch_key(inst.config, old, old_account):
                 changed.append((inst, conf))
                 report.restarted.append(name)
             else:
@@ -198,10 +199,11 @@ class Supervisor:
         self.events.publish({"event": "line", "name": inst.name, "line": line})
 
 
-def _launch_key(conf: InstanceConfig, config: Config) -> tuple[object, ...]:
+def _launch_key(conf: InstanceConfig, config: Config,
+                account: Account | None) -> tuple[object, ...]:
     """Everything that decides how an instance is launched; `source` does not."""
-    return (conf.model_copy(update={"source": None}), conf.argv(config.daemon),
-            config.daemon.user, config.daemon.log_lines)
+    return (conf.model_copy(update={"source": None}), conf.argv(config.daemon), account,
+            config.daemon.log_lines)
 
 
 def vram_held(inst: Instance) -> dict[int, int]:

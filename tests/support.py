@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from mi50d.accounts import account_for
 from mi50d.config import Config, load_config
 from mi50d.supervisor import Supervisor
 
@@ -101,7 +102,7 @@ class Recorder:
 async def supervising(directory: Path) -> AsyncIterator[tuple[Supervisor, Recorder]]:
     """A real Supervisor on `directory`, in its own TaskGroup, shut down on exit."""
     config: Config = load_config(directory)
-    sup = Supervisor(config)
+    sup = Supervisor(config, account_for(config))
     rec = Recorder(sup)
     try:
         async with asyncio.TaskGroup() as tg:

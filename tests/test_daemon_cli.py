@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import pwd
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.ctlsupport import fake_instance, running_daemon
 from tests.support import fake_daemon, fake_env, free_port, supervising, write_config
 
 MI50D = str(Path(sys.executable).with_name("mi50d"))
@@ -107,3 +109,35 @@ def test_kill_9_of_the_daemon_kills_children_running_as_another_user(tmp_path: P
                 break
             time.sleep(0.05)
         assert not _alive(child)
+
+
+MISSING_USER = ("mi50d.toml: user: user 'no-such-user' does not exist; create it (the mi50d "
+                "package does: adduser --system --group no-such-user) or set `user` in mi50d.toml")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root switches accounts")
+def test_a_user_that_does_not_exist_is_a_config_error(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, fake_daemon(user="no-such-user"), {
+        "a": {"model": "/dev/null", "port": free_port()}})
+    for extra in ([], ["--check-config"]):
+        proc = subprocess.run([MI50D, "--config-dir", str(cfg), *extra],
+                              capture_output=True, text=True)
+        assert proc.returncode == 78
+        assert proc.stderr.splitlines()[0] == f"mi50d: {MISSING_USER}"
+        assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root switches accounts")
+def test_reload_to_a_missing_user_keeps_the_running_set() -> None:
+    port = free_port()
+    with running_daemon({"wait_ready": True}, {"a": fake_instance(port, autostart=True)}) as d:
+        before = json.loads(d.ctl("status", "--json").stdout)["instances"][0]
+        assert before["state"] == "running"
+        conf = d.config / "mi50d.toml"
+        conf.write_text(conf.read_text().replace(f'user = "{getpass.getuser()}"',
+                                                 'user = "no-such-user"'))
+        rejected = d.ctl("reload")
+        assert rejected.returncode == 78
+        assert MISSING_USER in rejected.stderr
+        after = json.loads(d.ctl("status", "--json").stdout)["instances"][0]
+        assert (after["state"], after["pid"]) == ("running", before["pid"])
