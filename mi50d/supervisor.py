@@ -52,6 +52,7 @@ class Supervisor:
         self._instances: dict[str, Instance] = {}
         self._tg: asyncio.TaskGroup | None = None
         self.on_change: list[Callable[[], None]] = []
+        self._logged_vram: dict[str, tuple[int, dict[int, int]]] = {}  # name: (pid, per GPU)
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -165,7 +166,7 @@ class Supervisor:
         holds per GPU, from the KFD (else from buffer sizes in its output, at debug verbosity)."""
         return [
             Other(i.name, i.config.host, i.config.port, running=i.state in ALIVE,
-                  vram=vram_held(i) if i.state in ALIVE else {})
+                  vram=self._vram_held(i))
             for i in self._instances.values() if i.name != name
         ]
 
@@ -175,7 +176,7 @@ class Supervisor:
         chosen: Iterable[Instance] = (
             [self.get(name)] if name is not None else (self._instances[n] for n in self.names())
         )
-        return [status_of(i) for i in chosen]
+        return [status_of(i, self._vram_held(i)) for i in chosen]
 
     def summary(self) -> str:
         """One line for systemd's STATUS=, e.g. `2/3 running; qwen3-vl-32b starting 41s`."""
@@ -190,9 +191,25 @@ class Supervisor:
 
     def _changed(self, inst: Instance | None) -> None:
         if inst is not None:
-            self.events.publish({"event": "state", "status": status_of(inst).model_dump()})
+            status = status_of(inst, self._vram_held(inst))
+            self.events.publish({"event": "state", "status": status.model_dump()})
         for hook in self.on_change:
             hook()
+
+    def _vram_held(self, inst: Instance) -> dict[int, int]:
+        """What an alive instance holds per GPU: the KFD's count for its pid, else the buffer
+        sizes it logged while loading (debug verbosity only), parsed once per process."""
+        if inst.state not in ALIVE or inst.pid is None:
+            return {}
+        held = process_vram(inst.daemon.host.sysfs_root, inst.pid)
+        if held:
+            return held
+        pid, logged = self._logged_vram.get(inst.name, (None, {}))
+        if pid != inst.pid and inst.state in (State.RUNNING, State.UNHEALTHY):
+            logged = parse_buffers(inst.lines).per_gpu(inst.config.gpus)
+            self._logged_vram[inst.name] = (inst.pid, logged)
+            pid = inst.pid
+        return logged if pid == inst.pid else {}
 
     def _line(self, inst: Instance, line: str) -> None:
         log.info("[%s] %s", inst.name, line)
@@ -206,15 +223,7 @@ def _launch_key(conf: InstanceConfig, config: Config,
             config.daemon.log_lines)
 
 
-def vram_held(inst: Instance) -> dict[int, int]:
-    if inst.pid is not None:
-        held = process_vram(inst.daemon.host.sysfs_root, inst.pid)
-        if held:
-            return held
-    return parse_buffers(inst.lines).per_gpu(inst.config.gpus)
-
-
-def status_of(inst: Instance) -> InstanceStatus:
+def status_of(inst: Instance, vram: dict[int, int]) -> InstanceStatus:
     conf = inst.config
     return InstanceStatus(
         name=inst.name,
@@ -230,7 +239,7 @@ def status_of(inst: Instance) -> InstanceStatus:
         restarts=inst.restarts,
         last_exit=inst.last_exit,
         gpus=conf.gpus,
-        vram=vram_held(inst) if inst.state in ALIVE else {},
+        vram=vram,
         diagnosis=inst.diagnosis,
         last_lines=inst.last_lines,
     )
