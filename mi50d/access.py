@@ -78,9 +78,11 @@ def check_access(account: Account | None, requests: Sequence[tuple[Path, Mode]],
     "r" opens and reads a byte; "x" and "rw" use access(2) with the account's real ids."""
     if not requests:
         return []
-    payload = json.dumps([[str(p), m] for p, m in requests])
     if account is None:
         return _check_here(requests)
+    # The child repeats _check_here as a self-contained script: it runs isolated (-I -S) as an
+    # account that may not be able to read this package.
+    payload = json.dumps([[str(p), m] for p, m in requests])
     user, group, groups = _ids(account)
     try:
         done = subprocess.run([sys.executable, "-I", "-S", "-c", _CHILD, payload],

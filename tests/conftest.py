@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -58,3 +59,13 @@ def llama_server(llama_source: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(llama_source: Path) -> Path:
     return tinymodel.cached(llamasrc.cache_root() / "models", llama_source / tinymodel.VOCAB_FILE)
+
+
+@pytest.fixture
+def world() -> Iterator[Path]:
+    """A directory tree an unprivileged account (nobody) can read: pytest's tmp_path sits under
+    root-only parents on some hosts, which would fail access checks for the wrong reason."""
+    root = Path(tempfile.mkdtemp(prefix="mi50d-world-", dir="/tmp"))
+    root.chmod(0o755)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)

@@ -9,7 +9,6 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,14 +24,6 @@ from tests.realbinary import llama_server
 
 HOSTS = Path(__file__).parent / "fixtures" / "hosts"
 VIDEO_GID = 44
-
-
-@pytest.fixture
-def world(tmp_path: Path) -> Iterator[Path]:
-    root = Path("/tmp") / f"mi50d-doctor-{os.getpid()}-{tmp_path.name[-12:]}"
-    root.mkdir(mode=0o755)
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
 
 
 def host_tree(world: Path, tree: str = "two-mi50") -> dict[str, str]:

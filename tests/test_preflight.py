@@ -7,7 +7,7 @@ import os
 import pwd
 import shutil
 import socket
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -54,15 +54,6 @@ def free_port() -> int:
 
 def by_name(checks: list[Check]) -> dict[str, Check]:
     return {c.name: c for c in checks}
-
-
-@pytest.fixture
-def world(tmp_path: Path) -> Iterator[Path]:
-    """A readable directory tree for nobody: tmp_path's parents are root-only on some hosts."""
-    root = Path("/tmp") / f"mi50d-preflight-{os.getpid()}-{tmp_path.name}"
-    root.mkdir(mode=0o755)
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
 
 
 def test_all_ok_for_a_cpu_instance_as_nobody(world: Path) -> None:
