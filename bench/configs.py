@@ -9,7 +9,7 @@ from typing import Any
 
 from bench.procs import free_port
 from mi50d.config import InstanceConfig, load_config
-from mi50d.llamasrc import build_root
+from mi50d.llama.source import build_root
 from tests.support import fake_daemon, fake_env, write_config
 
 # The CPU build the test suite makes with `mi50ctl build-llama` (tests/conftest.py).

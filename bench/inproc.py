@@ -9,9 +9,9 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from mi50d.accounts import account_for
 from mi50d.config import load_config
-from mi50d.supervisor import Supervisor
+from mi50d.engine.supervisor import Supervisor
+from mi50d.host.accounts import account_for
 
 
 class StateClock:

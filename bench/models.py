@@ -1,4 +1,4 @@
-"""The models the real llama-server loads, from `mi50d.tinymodel` (cached where the test suite
+"""The models the real llama-server loads, from `mi50d.llama.tinymodel` (cached where the test suite
 caches them): the tiny one the tests use, and a larger one whose load takes seconds."""
 
 from __future__ import annotations
@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from mi50d import llamasrc, tinymodel
+from mi50d.llama import source as llamasrc
+from mi50d.llama import tinymodel
 
 LARGE_MB = 800
 LARGE_MB_QUICK = 400
@@ -36,4 +37,4 @@ def make_models(fake: bool, quick: bool) -> Models:
     return Models(tiny, large, f"{mib:.0f} MiB",
                   f"tiny {tiny.stat().st_size / 2**10:.0f} KiB ({tiny.name}) and {mib:.0f} MiB "
                   f"({large.name}, loaded with `{' '.join(LARGE_ARGS)}`), f16, from "
-                  f"mi50d.tinymodel, cached in {cache}")
+                  f"mi50d.llama.tinymodel, cached in {cache}")

@@ -17,9 +17,9 @@ from bench.configs import fake_dir, instance
 from bench.inproc import StateClock, supervised
 from bench.procs import Deadline, health_status
 from bench.stats import Row, Summary, paired
-from mi50d.accounts import account_for
 from mi50d.config import load_config
-from mi50d.supervisor import Supervisor
+from mi50d.engine.supervisor import Supervisor
+from mi50d.host.accounts import account_for
 
 SECTION = "6 scale"
 

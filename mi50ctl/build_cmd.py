@@ -1,6 +1,6 @@
-"""`mi50ctl build-llama`: build llama-server from a llama.cpp source tree (see `mi50d.build`).
+"""`mi50ctl build-llama`: build llama-server from a llama.cpp source tree (see `mi50d.llama.build`).
 
-Only option parsing and rendering live here; `mi50d.build` is imported inside the command so that
+Only option parsing and rendering live here; `mi50d.llama.build` is imported inside the command so that
 other mi50ctl commands do not pay for it.
 """
 
@@ -46,7 +46,7 @@ def build_llama(source: Path, backend: str, targets: str | None, tools: tuple[st
                 sysfs_root: Path) -> None:
     """Build llama-server (hip for MI50, or cpu) into <root>/<build-id> and point <root>/current
     at it once it runs."""
-    from mi50d import build
+    from mi50d.llama import build
 
     env = dict(os.environ)
     root = (root or build.default_root()).absolute()

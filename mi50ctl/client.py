@@ -1,5 +1,5 @@
 """A blocking client of mi50d's control socket. Imports only the standard library and
-`mi50d.protocol`, so that `mi50ctl status` starts fast.
+`mi50d.control.protocol`, so that `mi50ctl status` starts fast.
 
 Failures are raised as `ClientError` subclasses; rendering them is the CLI's job.
 """
@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from mi50d.protocol import (
+from mi50d.control.protocol import (
     DEFAULT_SOCKET,
     ErrorFrame,
     EventFrame,

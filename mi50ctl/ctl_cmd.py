@@ -17,7 +17,7 @@ import click
 
 from mi50ctl import render
 from mi50ctl.client import AccessDenied, Client, ClientError, DaemonUnavailable, RemoteError
-from mi50d.protocol import (
+from mi50d.control.protocol import (
     EventFrame,
     InstancesResult,
     LogsChunk,

@@ -1,5 +1,5 @@
 """`mi50ctl doctor` and `mi50ctl check NAME`: local checks of the host and the instances, run
-without the daemon (see `mi50d.doctor`). Only option parsing and rendering live here; the checks
+without the daemon (see `mi50d.host.doctor`). Only option parsing and rendering live here; the checks
 are imported inside the commands so that other mi50ctl commands stay fast to start.
 
 Exit status: 0 when every check is ok or a warning, 1 when any failed.
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import click
 
 if TYPE_CHECKING:
-    from mi50d.checks import Check
+    from mi50d.host.checks import Check
 
 DEFAULT_CONFIG_DIR = "/etc/mi50d"
 SYMBOLS = {"ok": "✓", "warn": "!", "fail": "✗", "skip": "-"}
@@ -42,7 +42,7 @@ def render(title: str, checks: Sequence[Check]) -> list[str]:
 def doctor(as_json: bool, config_dir: Path) -> None:
     """Check the host (ROCm, GPUs, access, rocBLAS, llama-server build, daemon) and every
     instance, and say how to fix what is wrong."""
-    from mi50d.doctor import run_doctor
+    from mi50d.host.doctor import run_doctor
 
     report = run_doctor(config_dir)
     if as_json:
@@ -63,7 +63,7 @@ def doctor(as_json: bool, config_dir: Path) -> None:
 def check(name: str, as_json: bool, config_dir: Path) -> None:
     """Run instance NAME's preflight checks, as mi50d does before starting it."""
     from mi50d.config import ConfigError
-    from mi50d.doctor import UnknownInstance, check_instance
+    from mi50d.host.doctor import UnknownInstance, check_instance
 
     try:
         checks = check_instance(config_dir, name)

@@ -11,7 +11,7 @@ import shutil
 from collections.abc import Sequence
 from typing import IO, Any
 
-from mi50d.protocol import (
+from mi50d.control.protocol import (
     DaemonInfo,
     GpuStatus,
     InstanceStatus,

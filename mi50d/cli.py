@@ -17,8 +17,8 @@ from pathlib import Path
 import click
 
 from mi50d import __version__
-from mi50d.accounts import account_for
 from mi50d.config import DEFAULT_CONFIG_DIR, Config, ConfigError, load_config
+from mi50d.host.accounts import account_for
 
 EX_CONFIG = 78
 EX_CANTCREAT = 73
@@ -88,7 +88,7 @@ def main(config_dir: Path, socket_path: Path | None, check_config: bool, as_json
     _setup_logging(log_level)
     import uvloop
 
-    from mi50d.control import ControlSocketError
+    from mi50d.control.server import ControlSocketError
     from mi50d.daemon import serve  # the event loop and everything under it
 
     try:

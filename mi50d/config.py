@@ -44,7 +44,7 @@ PositiveSeconds = Annotated[float, Field(gt=0)]
 
 
 class RestartConfig(_Model):
-    """When a process that ended is started again (see `mi50d.policy`)."""
+    """When a process that ended is started again (see `mi50d.engine.policy`)."""
 
     policy: Literal["always", "on-failure", "never"] = "on-failure"
     delay_s: Annotated[float, Field(ge=0)] = 1.0

@@ -16,12 +16,11 @@ import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-from mi50d.accounts import account_for
 from mi50d.config import Config, ConfigError, load_config
-from mi50d.control import ControlServer, ControlSocketError, bind_socket, socket_path_of
-from mi50d.process import Account
-from mi50d.states import State
-from mi50d.supervisor import ReloadReport, Supervisor, UnknownInstance
+from mi50d.control.server import ControlServer, ControlSocketError, bind_socket, socket_path_of
+from mi50d.engine.states import State
+from mi50d.engine.supervisor import ReloadReport, Supervisor, UnknownInstance
+from mi50d.host.accounts import Account, account_for
 from mi50d.systemd import Notifier, announce, listen_socket, ping_watchdog
 
 log = logging.getLogger("mi50d.daemon")

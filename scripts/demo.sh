@@ -9,6 +9,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash scripts/setup.sh
-config_dir="$(.venv/bin/python -m mi50d.demo)"
+config_dir="$(.venv/bin/python -m mi50d.llama.demo)"
 echo "demo: config in $config_dir; starting mi50d (Ctrl-C stops it)" >&2
 exec .venv/bin/mi50d --config-dir "$config_dir"

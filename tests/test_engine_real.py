@@ -118,8 +118,8 @@ async def test_reload_restarts_only_the_changed_instance(
         pid_a, pid_b = sup.status("a")[0].pid, sup.status("b")[0].pid
         write_config(tmp_path, _daemon(llama_server), {"b": _inst(tiny_model, pb, ctx_size=512)})
         (tmp_path / "c.toml").write_text(f'model = "{tiny_model}"\nport = {free_port()}\n')
-        from mi50d.accounts import account_for
         from mi50d.config import load_config
+        from mi50d.host.accounts import account_for
 
         new = load_config(tmp_path)
         report = await sup.apply(new, account_for(new))

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mi50d.protocol import COMMANDS, MAX_LINE, ProtocolError, parse_request, request_line
+from mi50d.control.protocol import COMMANDS, MAX_LINE, ProtocolError, parse_request, request_line
 from tests.ctlsupport import Daemon, running_daemon, server_instance
 from tests.support import free_port
 

@@ -1,4 +1,4 @@
-"""mi50d.ggufmeta against files written by the independent `gguf` package."""
+"""mi50d.host.ggufmeta against files written by the independent `gguf` package."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import gguf
 import pytest
 
-from mi50d.ggufmeta import GGML_TYPES, GGUFError, read_gguf
+from mi50d.host.ggufmeta import GGML_TYPES, GGUFError, read_gguf
 from tests.ggufwriter import QUANTIZED, write_mmproj, write_model
 
 

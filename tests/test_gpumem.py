@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from mi50ctl.render import status_table
-from mi50d.gpumem import gpu_indices, process_vram
+from mi50d.host.gpumem import gpu_indices, process_vram
 from tests.support import fake_daemon, fake_env, free_port, supervising, write_config
 
 SYSFS = Path(__file__).parent / "fixtures" / "hosts" / "two-mi50" / "sys"

@@ -1,4 +1,4 @@
-"""mi50d.gpus on the recorded two-MI50 sysfs trees (16 GB + 32 GB), and on this host."""
+"""mi50d.host.gpus on the recorded two-MI50 sysfs trees (16 GB + 32 GB), and on this host."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 from mi50d.config import HostPaths
-from mi50d.gpus import list_gpus, rocm_version, rocminfo_targets, tensile_files
+from mi50d.host.gpus import list_gpus, rocm_version, rocminfo_targets, tensile_files
 
 HOSTS = Path(__file__).parent / "fixtures" / "hosts"
 

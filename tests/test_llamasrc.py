@@ -1,4 +1,4 @@
-"""mi50d.llamasrc: unpacking the sdist is all or nothing. Local tarballs stand in for the 37 MB
+"""mi50d.llama.source: unpacking the sdist is all or nothing. Local tarballs stand in for the 37 MB
 download, which the `llama_source` fixture exercises on a machine that does not have it yet."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mi50d import llamasrc
+from mi50d.llama import source as llamasrc
 
 
 def _sdist(path: Path, members: dict[str, bytes], symlinks: dict[str, str] | None = None) -> Path:

@@ -243,8 +243,8 @@ def test_daemon_not_running_message_for_a_stale_socket() -> None:
     assert f"mi50d is not running (nothing listens at {path})" in result.stderr
 
 
-HEAVY = ("mi50d.supervisor", "mi50d.instance", "mi50d.daemon", "mi50d.control", "mi50d.config",
-         "uvloop", "pydbus", "asyncio")
+HEAVY = ("mi50d.engine.supervisor", "mi50d.engine.instance", "mi50d.daemon",
+         "mi50d.control.server", "mi50d.config", "uvloop", "pydbus", "asyncio")
 
 
 def test_mi50ctl_imports_nothing_heavy() -> None:
@@ -259,6 +259,6 @@ def test_mi50ctl_imports_nothing_heavy() -> None:
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                           check=True, timeout=WAIT_S)
     loaded = set(json.loads(done.stderr.splitlines()[-1]))
-    assert "mi50d.protocol" in loaded
+    assert "mi50d.control.protocol" in loaded
     assert sorted(m for m in loaded if m.startswith(HEAVY)) == []
     assert "status" in done.stdout and "--socket PATH" in done.stdout

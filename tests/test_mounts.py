@@ -1,4 +1,4 @@
-"""mi50d.mounts on this host's real /proc/self/mountinfo, with real mounts made for the test."""
+"""mi50d.host.mounts on this host's real /proc/self/mountinfo, with real mounts made for the test."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mi50d.mounts import (
+from mi50d.host.mounts import (
     MountinfoError,
     foreign_hint,
     is_mount_point,
@@ -22,7 +22,7 @@ from mi50d.mounts import (
     read_mounts,
     unescape,
 )
-from mi50d.mountunits import ensure_mounted, escape_path, mount_unit
+from mi50d.host.mountunits import ensure_mounted, escape_path, mount_unit
 from tests.realmounts import ntfs, tmpfs
 
 MOUNTINFO = Path("/proc/self/mountinfo")
@@ -102,7 +102,7 @@ def test_real_root_mount_found() -> None:
     assert str(m.mount_point) in os.getcwd()
 
 
-# --- mi50d.mountunits: systemd path escaping and the D-Bus conversation -------------------------
+# --- mi50d.host.mountunits: systemd path escaping and the D-Bus conversation -------------------------
 
 SYSTEMD_ESCAPE = shutil.which("systemd-escape")
 needs_escape = pytest.mark.skipif(SYSTEMD_ESCAPE is None, reason="systemd-escape not installed")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from mi50d.config import RestartConfig
-from mi50d.policy import History, backoff, decide
-from mi50d.states import TRANSITIONS, Outcome, State, TransitionError, check_transition
+from mi50d.engine.policy import History, backoff, decide
+from mi50d.engine.states import TRANSITIONS, Outcome, State, TransitionError, check_transition
 
 ALWAYS = RestartConfig(policy="always", delay_s=1, max_delay_s=8, burst=5, interval_s=60)
 

@@ -1,4 +1,4 @@
-"""mi50d.preflight with real files, permissions, mounts and the real llama-server; the GPU side
+"""mi50d.host.preflight with real files, permissions, mounts and the real llama-server; the GPU side
 on the recorded two-MI50 trees with a device directory of real files and real modes."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from mi50d.checks import Check
 from mi50d.config import DaemonConfig, InstanceConfig
-from mi50d.preflight import Other, parse_devices, run_preflight
-from mi50d.process import Account
+from mi50d.host.accounts import Account
+from mi50d.host.checks import Check
+from mi50d.host.preflight import Other, parse_devices, run_preflight
 from tests.ggufwriter import write_mmproj, write_model
 from tests.realbinary import llama_server
 from tests.realmounts import ntfs, tmpfs

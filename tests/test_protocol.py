@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
-from mi50d import config, protocol
-from mi50d.protocol import (
+from mi50d import config
+from mi50d.control import protocol
+from mi50d.control.protocol import (
     ErrorCode,
     ErrorFrame,
     ErrorInfo,
@@ -112,7 +113,7 @@ def test_default_socket_is_shared_with_the_daemon_config() -> None:
 
 
 def test_every_command_has_a_documented_handler() -> None:
-    from mi50d.handlers import HANDLERS
+    from mi50d.control.handlers import HANDLERS
 
     assert tuple(HANDLERS) == protocol.COMMANDS
     for name, command in HANDLERS.items():

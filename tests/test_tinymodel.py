@@ -1,4 +1,4 @@
-"""mi50d.tinymodel: deterministic bytes, the tokenizer copied from the vocab file, the size knob."""
+"""mi50d.llama.tinymodel: deterministic bytes, the tokenizer copied from the vocab file, the size knob."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import gguf
 import pytest
 from gguf import GGUFReader
 
-from mi50d import tinymodel
+from mi50d.llama import tinymodel
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""mi50d.vram: the estimate on real GGUF files, the fit check on the recorded two-MI50 host, and
+"""mi50d.host.vram: the estimate on real GGUF files, the fit check on the recorded two-MI50 host, and
 the buffer-size parser on recorded and real llama-server output."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from mi50d.config import HostPaths, InstanceConfig
-from mi50d.ggufmeta import read_gguf
-from mi50d.gpus import list_gpus
-from mi50d.vram import (
+from mi50d.host.ggufmeta import read_gguf
+from mi50d.host.gpus import list_gpus
+from mi50d.host.vram import (
     OVERHEAD_PER_GPU,
     Estimate,
     GiB,
@@ -189,7 +189,7 @@ def _load_output(binary: Path, model: Path, ctx: int) -> list[str]:
 @pytest.mark.llama
 @pytest.mark.parametrize("ctx", [1024, 8192])
 def test_estimate_against_the_real_cpu_llama_server(tmp_path: Path, ctx: int) -> None:
-    tinymodel = pytest.importorskip("mi50d.tinymodel")
+    tinymodel = pytest.importorskip("mi50d.llama.tinymodel")
     binary = llama_server()
     model = tinymodel.write(tmp_path / "tiny.gguf", _vocab(binary))
     lines = _load_output(binary, model, ctx)

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mi50d.config import RestartConfig
-from mi50d.states import Outcome
+from mi50d.engine.states import Outcome
 
 STABLE_FLOOR_S = 10.0
 

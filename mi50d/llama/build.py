@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Literal
 
-from mi50d import kfd
+from mi50d.host import kfd
 
 Backend = Literal["hip", "cpu"]
 BACKENDS: tuple[Backend, ...] = ("hip", "cpu")

@@ -16,21 +16,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mi50d import gpus as gpumod
-from mi50d import kfd
-from mi50d.access import account_name, run_as
-from mi50d.accounts import AccountError, resolve_account
-from mi50d.checks import Check, fail, ok, skip, warn
 from mi50d.config import ConfigError, DaemonConfig, load_config, load_daemon_config
-from mi50d.preflight import (
+from mi50d.host import gpus as gpumod
+from mi50d.host import kfd
+from mi50d.host.access import account_name, run_as
+from mi50d.host.accounts import Account, AccountError, resolve_account
+from mi50d.host.checks import Check, fail, ok, skip, warn
+from mi50d.host.preflight import (
     Other,
     device_access_check,
     parse_devices,
     rocblas_check,
     run_preflight,
 )
-from mi50d.process import Account
-from mi50d.vram import gib
+from mi50d.host.vram import gib
 
 SOCKET_TIMEOUT_S = 2.0
 TOOL_TIMEOUT_S = 60.0

@@ -21,23 +21,10 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequenc
 from dataclasses import dataclass, field
 from typing import Any
 
+from mi50d.host.accounts import Account
+
 PR_SET_PDEATHSIG = 1
 MAX_LINE = 1 << 20
-
-
-@dataclass(frozen=True)
-class Account:
-    """Who a child runs as: ids for the kernel, name and home for the child's environment."""
-
-    name: str
-    uid: int
-    gid: int
-    groups: tuple[int, ...] = ()
-    home: str = "/"
-
-    def environment(self) -> dict[str, str]:
-        """HOME, USER and LOGNAME of the account (ROCm and HIP keep caches under HOME)."""
-        return {"HOME": self.home, "USER": self.name, "LOGNAME": self.name}
 
 
 @dataclass(frozen=True)

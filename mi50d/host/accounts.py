@@ -6,11 +6,26 @@ import contextlib
 import grp
 import os
 import pwd
+from dataclasses import dataclass
 
 from mi50d.config import DAEMON_FILE, Config, ConfigError
-from mi50d.process import Account
 
 ROCM_GROUPS = ("render", "video")
+
+
+@dataclass(frozen=True)
+class Account:
+    """Who a child runs as: ids for the kernel, name and home for the child's environment."""
+
+    name: str
+    uid: int
+    gid: int
+    groups: tuple[int, ...] = ()
+    home: str = "/"
+
+    def environment(self) -> dict[str, str]:
+        """HOME, USER and LOGNAME of the account (ROCm and HIP keep caches under HOME)."""
+        return {"HOME": self.home, "USER": self.name, "LOGNAME": self.name}
 
 
 class AccountError(Exception):

@@ -17,13 +17,14 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from mi50d import policy
 from mi50d.config import DaemonConfig, InstanceConfig
-from mi50d.health import probe
-from mi50d.process import Account, Child, SpawnSpec, describe_status, spawn
-from mi50d.states import ALIVE, Outcome, State, check_transition
+from mi50d.engine import policy
+from mi50d.engine.health import probe
+from mi50d.engine.process import Child, SpawnSpec, describe_status, spawn
+from mi50d.engine.states import ALIVE, Outcome, State, check_transition
+from mi50d.host.accounts import Account
 
-log = logging.getLogger("mi50d.instance")
+log = logging.getLogger("mi50d.engine.instance")
 
 KEEP_LINES_ON_FAILURE = 20
 FIRST_PROBE_S = 0.01

@@ -1,5 +1,5 @@
 """The control socket: binding it (or taking systemd's), accepting clients, and dispatching each
-request line to `mi50d.handlers.HANDLERS`.
+request line to `mi50d.control.handlers.HANDLERS`.
 
 Every connection is a task in the server's own TaskGroup, which is one task of the daemon's; a
 connection can only end itself: malformed lines get an error frame, an oversized line gets
@@ -19,13 +19,13 @@ import stat
 import struct
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import BaseModel
 
 from mi50d.config import ConfigError
-from mi50d.handlers import HANDLERS
-from mi50d.protocol import (
+from mi50d.control.handlers import HANDLERS
+from mi50d.control.protocol import (
     MAX_LINE,
     ErrorCode,
     ErrorFrame,
@@ -36,12 +36,10 @@ from mi50d.protocol import (
     encode,
     parse_request,
 )
-from mi50d.supervisor import UnknownInstance
+from mi50d.control.view import DaemonView
+from mi50d.engine.supervisor import UnknownInstance
 
-if TYPE_CHECKING:
-    from mi50d.daemon import Daemon
-
-log = logging.getLogger("mi50d.control")
+log = logging.getLogger("mi50d.control.server")
 
 READ_TIMEOUT_S = 10.0  # idle or half-sent line
 WRITE_TIMEOUT_S = 10.0  # a client not reading its replies
@@ -140,7 +138,7 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int] | None:
 
 
 class ControlServer:
-    def __init__(self, daemon: Daemon, sock: socket.socket, path: Path, *, activated: bool,
+    def __init__(self, daemon: DaemonView, sock: socket.socket, path: Path, *, activated: bool,
                  read_timeout_s: float = READ_TIMEOUT_S,
                  write_timeout_s: float = WRITE_TIMEOUT_S) -> None:
         self.daemon = daemon

@@ -39,10 +39,10 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from mi50d.checks import Check, fail, ok, skip, warn
 from mi50d.config import InstanceConfig
-from mi50d.ggufmeta import GGUFInfo
-from mi50d.gpus import Gpu
+from mi50d.host.checks import Check, fail, ok, skip, warn
+from mi50d.host.ggufmeta import GGUFInfo
+from mi50d.host.gpus import Gpu
 
 MiB = 1 << 20
 GiB = 1 << 30

@@ -4,7 +4,7 @@ before every launch of an instance, each result one line with its fix.
 `run_preflight` returns a list of `Check`s and never raises; the supervisor runs it in a worker
 thread (it reads files, starts short children and may wait on systemd) and refuses to start the
 instance if any check failed. Access is checked as the account the instance runs as
-(`mi50d.access`). The order matters: required mounts come first, since starting a mount unit
+(`mi50d.host.access`). The order matters: required mounts come first, since starting a mount unit
 can make a "missing" model appear.
 """
 
@@ -19,16 +19,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mi50d import gpus as gpumod
-from mi50d.access import account_name, check_access, run_as
-from mi50d.checks import Check, fail, ok, skip, warn
 from mi50d.config import DaemonConfig, InstanceConfig
-from mi50d.diagnose import diagnose_line
-from mi50d.ggufmeta import GGUFError, GGUFInfo, read_gguf
-from mi50d.mounts import MountinfoError, foreign_hint, mount_of, noexec_fix, read_mounts
-from mi50d.mountunits import ensure_mounted
-from mi50d.process import Account
-from mi50d.vram import check_fit, estimate
+from mi50d.host import gpus as gpumod
+from mi50d.host.access import account_name, check_access, run_as
+from mi50d.host.accounts import Account
+from mi50d.host.checks import Check, fail, ok, skip, warn
+from mi50d.host.diagnose import diagnose_line
+from mi50d.host.ggufmeta import GGUFError, GGUFInfo, read_gguf
+from mi50d.host.mounts import MountinfoError, foreign_hint, mount_of, noexec_fix, read_mounts
+from mi50d.host.mountunits import ensure_mounted
+from mi50d.host.vram import check_fit, estimate
 
 VERSION_TIMEOUT_S = 30.0
 DEVICES_TIMEOUT_S = 60.0

@@ -41,7 +41,7 @@ def source_dir(version: str = VERSION, cache: Path | None = None) -> Path:
 
 
 def build_root(version: str = VERSION, cache: Path | None = None) -> Path:
-    """The build root (see mi50d.build) the tests and the demo share for this source version."""
+    """The build root (see mi50d.llama.build) the tests and the demo share for this source version."""
     return (cache or cache_root()) / f"llama-{version}"
 
 

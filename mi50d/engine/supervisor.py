@@ -14,17 +14,17 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from mi50d.config import Config, InstanceConfig
-from mi50d.events import Hub
-from mi50d.gpumem import process_vram
-from mi50d.hostwiring import degraded_reason, diagnose_failure, preflight_job
-from mi50d.instance import Instance
-from mi50d.preflight import Other
-from mi50d.process import Account
-from mi50d.protocol import InstanceStatus
-from mi50d.states import ALIVE, State
-from mi50d.vram import parse_buffers
+from mi50d.control.protocol import InstanceStatus
+from mi50d.engine.events import Hub
+from mi50d.engine.instance import Instance
+from mi50d.engine.states import ALIVE, State
+from mi50d.host.accounts import Account
+from mi50d.host.gpumem import process_vram
+from mi50d.host.hooks import degraded_reason, diagnose_failure, preflight_job
+from mi50d.host.preflight import Other
+from mi50d.host.vram import parse_buffers
 
-log = logging.getLogger("mi50d.supervisor")
+log = logging.getLogger("mi50d.engine.supervisor")
 
 
 class UnknownInstance(KeyError):

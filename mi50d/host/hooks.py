@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from mi50d import diagnose as diag
 from mi50d.config import DaemonConfig, InstanceConfig
-from mi50d.preflight import Other, expects_gpu, run_preflight
-from mi50d.process import Account
+from mi50d.host import diagnose as diag
+from mi50d.host.accounts import Account
+from mi50d.host.preflight import Other, expects_gpu, run_preflight
 
 # Retrying the same launch cannot fix these: the file, the build, the port or the VRAM is wrong.
 FATAL_CODES = frozenset({

@@ -20,8 +20,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from mi50d.checks import Check, fail, ok
-from mi50d.mounts import Mount, is_mount_point
+from mi50d.host.checks import Check, fail, ok
+from mi50d.host.mounts import Mount, is_mount_point
 
 SYSTEMD = "org.freedesktop.systemd1"
 SYSTEMD_PATH = "/org/freedesktop/systemd1"

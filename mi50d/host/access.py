@@ -5,7 +5,7 @@ account's uid, gid and supplementary groups tells the truth. Both helpers start 
 through subprocess's `user`/`group`/`extra_groups` (the ids are switched in the child before
 exec; no fork of the daemon's threads in Python). With `account=None` (an unprivileged daemon,
 whose children run as itself) they check in-process / run directly.
-This module owns that identity switch for checks; `mi50d.process` owns it for instances.
+This module owns that identity switch for checks; `mi50d.engine.process` owns it for instances.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from mi50d.process import Account
+from mi50d.host.accounts import Account
 
 Mode = Literal["r", "x", "rw"]
 

@@ -1,8 +1,8 @@
 """One small handler per control command, in the explicit `HANDLERS` dict. Each docstring is that
-command's wire format (requests and frames are defined in `mi50d.protocol`).
+command's wire format (requests and frames are defined in `mi50d.control.protocol`).
 
 A handler gets the daemon, its validated args and `emit` (sends one event frame), and returns the
-result model. It raises `UnknownInstance` or `ConfigError`; `mi50d.control` turns those into error
+result model. It raises `UnknownInstance` or `ConfigError`; `mi50d.control.server` turns those into error
 frames, and anything else into `internal` (logged with its traceback, never sent).
 """
 
@@ -13,15 +13,13 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import BaseModel
 
 from mi50d import __version__
 from mi50d.config import HostPaths
-from mi50d.events import Event
-from mi50d.gpus import list_gpus
-from mi50d.protocol import (
+from mi50d.control.protocol import (
     DaemonInfo,
     GpuStatus,
     InstancesResult,
@@ -39,10 +37,10 @@ from mi50d.protocol import (
     StatusResult,
     StopArgs,
 )
-from mi50d.states import State
-
-if TYPE_CHECKING:
-    from mi50d.daemon import Daemon
+from mi50d.control.view import DaemonView
+from mi50d.engine.events import Event
+from mi50d.engine.states import State
+from mi50d.host.gpus import list_gpus
 
 Emit = Callable[[BaseModel], Awaitable[None]]
 
@@ -58,7 +56,7 @@ _DOWN = {State.FAILED, State.STOPPED}
 _ATTEMPTED = {State.STARTING, State.BACKOFF, State.RUNNING, State.UNHEALTHY, State.STOPPING}
 
 
-async def status(daemon: Daemon, args: StatusArgs, emit: Emit) -> StatusResult:
+async def status(daemon: DaemonView, args: StatusArgs, emit: Emit) -> StatusResult:
     """`status {name?: str}` -> result `StatusResult {daemon: DaemonInfo, instances: [InstanceStatus]}`.
 
     Without `name`, every instance sorted by name. Errors: unknown_instance.
@@ -79,7 +77,7 @@ def gpu_status(host: HostPaths) -> list[GpuStatus]:
             for g in list_gpus(host)]
 
 
-async def start(daemon: Daemon, args: StartArgs, emit: Emit) -> StartResult:
+async def start(daemon: DaemonView, args: StartArgs, emit: Emit) -> StartResult:
     """`start {name: str, wait: bool = true, timeout_s: float? }` -> events `StartProgress
     {name, state, reason, elapsed_s, line?}`, then result `StartResult {outcome, status, elapsed_s}`.
 
@@ -143,7 +141,7 @@ def _progress(st: InstanceStatus, elapsed_s: float, line: str | None) -> StartPr
                          elapsed_s=round(elapsed_s, 3), line=line)
 
 
-async def stop(daemon: Daemon, args: StopArgs, emit: Emit) -> InstancesResult:
+async def stop(daemon: DaemonView, args: StopArgs, emit: Emit) -> InstancesResult:
     """`stop {name?: str}` -> result `InstancesResult {instances: [InstanceStatus]}` once no
     process of them is left (each within its own stop timeout). Without `name`, every instance,
     all at once. Errors: unknown_instance.
@@ -154,7 +152,7 @@ async def stop(daemon: Daemon, args: StopArgs, emit: Emit) -> InstancesResult:
     return InstancesResult(instances=[s for n in names for s in sup.status(n)])
 
 
-async def restart(daemon: Daemon, args: RestartArgs, emit: Emit) -> InstancesResult:
+async def restart(daemon: DaemonView, args: RestartArgs, emit: Emit) -> InstancesResult:
     """`restart {name?: str}` -> result `InstancesResult {instances: [InstanceStatus]}` once each
     is stopped and asked to start again (use `start` with `wait` to follow the start). Without
     `name`, every instance. Errors: unknown_instance.
@@ -165,7 +163,7 @@ async def restart(daemon: Daemon, args: RestartArgs, emit: Emit) -> InstancesRes
     return InstancesResult(instances=[s for n in names for s in sup.status(n)])
 
 
-async def reload(daemon: Daemon, args: ReloadArgs, emit: Emit) -> ReloadResult:
+async def reload(daemon: DaemonView, args: ReloadArgs, emit: Emit) -> ReloadResult:
     """`reload {}` -> result `ReloadResult {added, removed, restarted, unchanged}` (instance
     names). The same path as SIGHUP. Errors: config_error, with every problem in `details`;
     the running set is then kept as it was.
@@ -175,7 +173,7 @@ async def reload(daemon: Daemon, args: ReloadArgs, emit: Emit) -> ReloadResult:
                         unchanged=report.unchanged)
 
 
-async def logs(daemon: Daemon, args: LogsArgs, emit: Emit) -> LogsResult:
+async def logs(daemon: DaemonView, args: LogsArgs, emit: Emit) -> LogsResult:
     """`logs {name: str, n: int = 50, follow: bool = false}` -> result `LogsResult {name, lines}`
     (the last n lines kept in memory). With `follow`: events `LogsChunk {lines, dropped}`, the
     last n lines first, then new lines as they come, across restarts of the instance, until the
@@ -203,7 +201,7 @@ async def logs(daemon: Daemon, args: LogsArgs, emit: Emit) -> LogsResult:
 
 @dataclass(frozen=True)
 class Command:
-    run: Callable[[Daemon, Any, Emit], Coroutine[Any, Any, BaseModel]]
+    run: Callable[[DaemonView, Any, Emit], Coroutine[Any, Any, BaseModel]]
     mutates: bool  # changes what runs: logged with the peer's uid and pid
     streams: bool  # may send events; cancelled when the client disconnects
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mi50d import kfd
+from mi50d.host import kfd
 
 PROC = Path("class/kfd/kfd/proc")
 

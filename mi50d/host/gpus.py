@@ -1,6 +1,6 @@
 """GPU inventory and telemetry from sysfs, without rocm-smi. Standard library only.
 
-A GPU's index is its position among the GPU nodes of the KFD topology (`mi50d.kfd`), which is the
+A GPU's index is its position among the GPU nodes of the KFD topology (`mi50d.host.kfd`), which is the
 order ROCr enumerates agents in and so the index ROCR_VISIBLE_DEVICES takes. Each KFD node names
 its DRM render minor; `/sys/class/drm/renderD<minor>` leads to the PCI device with the amdgpu
 files read here: VRAM (`mem_info_vram_total/used`, bytes), load (`gpu_busy_percent`), and the
@@ -17,8 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mi50d import kfd
 from mi50d.config import HostPaths
+from mi50d.host import kfd
 
 MI50_TARGET = "gfx906"
 _ROCMINFO_GPU = re.compile(r"^\s*Name:\s+(gfx[0-9a-f]+)\s*$", re.MULTILINE)

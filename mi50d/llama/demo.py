@@ -1,7 +1,7 @@
 """The demo's preparation: the llama.cpp source, a cached cpu llama-server build, a tiny model and
 a config directory for `mi50d --config-dir` under ~/.cache/mi50d/demo/ (scripts/demo.sh).
 
-Needs the `test` extra (gguf, numpy) for the model. `python -m mi50d.demo` prepares everything,
+Needs the `test` extra (gguf, numpy) for the model. `python -m mi50d.llama.demo` prepares everything,
 sends cmake's progress to stderr and prints only the config directory on stdout.
 """
 
@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 from typing import IO
 
-from mi50d import build, llamasrc, tinymodel
+from mi50d.llama import build, tinymodel
+from mi50d.llama import source as llamasrc
 
 PORT = 8090
 INSTANCE = "tiny"
@@ -31,7 +32,7 @@ def write_config(directory: Path, llama_server: Path, model: Path) -> Path:
     group = grp.getgrgid(account.pw_gid).gr_name
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "mi50d.toml").write_text(
-        "# The demo's daemon settings, written by scripts/demo.sh (mi50d.demo).\n"
+        "# The demo's daemon settings, written by scripts/demo.sh (mi50d.llama.demo).\n"
         f'llama_server = "{llama_server}"\n'
         f'user = "{account.pw_name}"\n'
         f'socket = "{socket_path()}"\n'
