@@ -6,6 +6,7 @@ the protocol module alone (so `mi50ctl status` stays cheap to start)."""
 from __future__ import annotations
 
 import ast
+import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -121,3 +122,11 @@ def test_the_checker_sees_a_wrong_import(tmp_path: Path) -> None:
     known = modules()
     assert imports_of(bad, known) == {"mi50d.daemon", "mi50d.host.kfd"}
     assert rank("mi50d.daemon") < rank("mi50d.engine.instance") < rank("mi50d.host.kfd")
+
+
+def test_every_package_is_packaged() -> None:
+    """pyproject lists packages explicitly; a subpackage left out would be missing from the .deb."""
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    on_disk = {".".join(p.parent.relative_to(ROOT).parts)
+               for top in ("mi50d", "mi50ctl") for p in (ROOT / top).rglob("__init__.py")}
+    assert on_disk == listed
