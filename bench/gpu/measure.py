@@ -63,6 +63,8 @@ PHASE2 += [Config("q32", 4096, "on", "4", extra=("--no-op-offload",)),
            Config("l3b", 4096, "on", "7", extra=("--no-op-offload",)),
            Config("q32", 4096, "off", "4"), Config("q32", 32768, "on", "4"),
            Config("q32", 4096, "on", "4", extra=("-v",), env=(("GGML_SCHED_DEBUG", "2"),))]
+# Third call (PHASE=3, a build with -DGGML_CUDA_NO_VMM=ON): the legacy pool that HIP builds use.
+PHASE3 = [Config(m, 32768, f) for m in ("q3", "q32") for f in ("off", "on")]
 
 
 def smi(*query: str) -> list[list[str]]:
@@ -193,7 +195,7 @@ def main(argv: list[str]) -> int:
     state = results / "verbosity.txt"
     if state.is_file():
         verbosity = state.read_text().split()
-    configs = PHASE2 if os.environ.get("PHASE") == "2" else CONFIGS
+    configs = {"2": PHASE2, "3": PHASE3}.get(os.environ.get("PHASE", ""), CONFIGS)
     for i, cfg in enumerate(configs):
         if cfg.key in done:
             continue

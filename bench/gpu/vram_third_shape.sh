@@ -8,6 +8,7 @@
 # configuration in measure.py, and leaves results.tar.gz + runs.csv under $OUT. Idempotent: a second
 # call on the same (still warm) machine reuses the build and the models and runs what is left.
 # PHASE=2 MODELS="l3b q32" runs measure.py's second list (partial offload) into results2/.
+# PHASE=3 MODELS="q3 q32" EXTRA_CMAKE=-DGGML_CUDA_NO_VMM=ON: the legacy pool (HIP's default), results3/.
 set -u
 START=$(date +%s)
 DEADLINE=$((START + ${BUDGET_S:-560}))
@@ -35,7 +36,7 @@ if [ ! -x $W/build/bin/llama-server ]; then
     t0=$(date +%s%N)
     cmake -S $W/llama.cpp -B $W/build -G Ninja -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
       -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-      -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DCMAKE_BUILD_RPATH_USE_ORIGIN=ON > $W/configure.log 2>&1
+      -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DCMAKE_BUILD_RPATH_USE_ORIGIN=ON ${EXTRA_CMAKE:-} > $W/configure.log 2>&1
     t1=$(date +%s%N)
     cmake --build $W/build --target llama-server -j16 > $W/build.log 2>&1
     rc=$?
@@ -48,5 +49,6 @@ df -h /tmp | tail -1
 if [ -n "$BPID" ]; then wait $BPID; fi
 tail -3 $W/build.log
 $W/build/bin/llama-server --version 2>&1 | tee -a $W/versions.txt
+grep -i "NO_VMM" $W/build/CMakeCache.txt | tee -a $W/versions.txt
 PYTHONUNBUFFERED=1 python3 $G/measure.py $W/build/bin/llama-server $W/models $W/$R $DEADLINE
 echo "total $(( $(date +%s) - START )) s"
