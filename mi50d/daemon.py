@@ -1,7 +1,8 @@
 """serve(config): signals, supervisor, control socket, systemd notifications and reloads in one
 TaskGroup, and the shutdown sequence.
 
-Signal handlers only set events: SIGTERM/SIGINT -> stop, SIGHUP -> reload. A reload (SIGHUP or
+Signal handlers only set events: SIGTERM/SIGINT -> stop (a second one -> stop fast: SIGKILL
+now), SIGHUP -> reload. A reload (SIGHUP or
 `mi50ctl reload`, the same path) reads and validates the whole directory first and keeps the
 running set on any error.
 """
@@ -72,10 +73,19 @@ class Daemon:
             yield
 
 
+    def stop_signal(self) -> None:
+        """SIGTERM/SIGINT: the first asks for an orderly shutdown; a second one for a fast one
+        (every stop under way or to come SIGKILLs its instance now)."""
+        if self.stop_requested.is_set():
+            log.warning("daemon_stopping_fast reason=second_signal")
+            self.supervisor.hurry()
+        self.stop_requested.set()
+
+
 def install_signal_handlers(daemon: Daemon) -> None:
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, daemon.stop_requested.set)
-    loop.add_signal_handler(signal.SIGINT, daemon.stop_requested.set)
+    loop.add_signal_handler(signal.SIGTERM, daemon.stop_signal)
+    loop.add_signal_handler(signal.SIGINT, daemon.stop_signal)
     loop.add_signal_handler(signal.SIGHUP, daemon.reload_requested.set)
 
 

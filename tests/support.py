@@ -78,7 +78,7 @@ class Recorder:
 
     def _drain(self) -> None:
         while not self._sub.queue.empty():
-            self._take(self._sub.queue.get_nowait())
+            self._take(self._sub.take_nowait())
 
     def _take(self, event: dict[str, Any]) -> None:
         if event["event"] == "state":

@@ -9,9 +9,10 @@ frames, and anything else into `internal` (logged with its traceback, never sent
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,9 +39,12 @@ from mi50d.control.protocol import (
     StopArgs,
 )
 from mi50d.control.view import DaemonView
-from mi50d.engine.events import Event
-from mi50d.engine.states import State
+from mi50d.engine.desired import Reply
+from mi50d.engine.events import Event, Subscription
+from mi50d.engine.supervisor import Supervisor, UnknownInstance
 from mi50d.host.gpus import list_gpus
+
+log = logging.getLogger("mi50d.control.handlers")
 
 Emit = Callable[[BaseModel], Awaitable[None]]
 
@@ -48,12 +52,10 @@ Emit = Callable[[BaseModel], Awaitable[None]]
 # hundreds while loading), and one at least every HEARTBEAT_S so elapsed time moves on screen.
 PROGRESS_GAP_S = 0.2
 HEARTBEAT_S = 1.0
-# `logs --follow`: lines are sent in chunks of what queued up meanwhile, up to this many.
+# `logs --follow`: lines are sent in chunks of what queued up meanwhile, up to this many lines
+# and about this many characters, so one frame stays small whatever the lines are.
 CHUNK_LINES = 500
-# `start` waits for these states; failed/stopped count only once this request's attempt began.
-_UP = {State.RUNNING, State.UNHEALTHY}
-_DOWN = {State.FAILED, State.STOPPED}
-_ATTEMPTED = {State.STARTING, State.BACKOFF, State.RUNNING, State.UNHEALTHY, State.STOPPING}
+CHUNK_BYTES = 256 * 1024
 
 
 async def status(daemon: DaemonView, args: StatusArgs, emit: Emit) -> StatusResult:
@@ -83,49 +85,61 @@ async def start(daemon: DaemonView, args: StartArgs, emit: Emit) -> StartResult:
 
     Without `wait`: no events, outcome "requested". With it: progress on every state change, on
     output lines (at most every 0.2 s) and every second; the final outcome is "running",
-    "failed" (gave up, or stopped meanwhile: see status.reason, .diagnosis, .last_lines) or
-    "timeout" (timeout_s passed; it keeps starting). Errors: unknown_instance.
+    "failed" (gave up, or a later stop or a reload's removal came first: see status.reason,
+    .diagnosis, .last_lines) or "timeout" (timeout_s passed; it keeps starting). A reload that
+    restarts the instance meanwhile does not end the wait. Errors: unknown_instance.
     """
     sup = daemon.supervisor
     began = time.monotonic()
     with sup.events.subscribe(size=256) as sub:
-        attempted = sup.get(args.name).state not in _DOWN
-        sup.start(args.name)
+        inst = sup.get(args.name)
+        ticket = sup.start(args.name)
         if not args.wait:
-            return StartResult(outcome="requested", status=sup.status(args.name)[0])
+            return StartResult(outcome="requested", status=sup.describe(inst))
         deadline = None if args.timeout_s is None else began + args.timeout_s
+        answer = asyncio.ensure_future(ticket.wait())
         line: str | None = None
         last_sent = began  # the first progress is the first change, or a heartbeat
         pending = False  # a state change or line not sent yet
-        while True:
-            inst = sup.get(args.name)  # by name: a reload may have replaced the instance
-            st = sup.status(args.name)[0]
-            now = time.monotonic()
-            attempted = attempted or inst.state in _ATTEMPTED
-            if inst.state in _UP:
-                return StartResult(outcome="running", status=st, elapsed_s=now - began)
-            if inst.state in _DOWN and (attempted or not inst.wanted):
-                return StartResult(outcome="failed", status=st, elapsed_s=now - began)
-            if deadline is not None and now >= deadline:
-                return StartResult(outcome="timeout", status=st, elapsed_s=now - began)
-            due = last_sent + (PROGRESS_GAP_S if pending else HEARTBEAT_S)
-            if now >= due:
-                await emit(_progress(st, now - began, line))
-                last_sent, pending = now, False
-                due = now + HEARTBEAT_S
-            wait_s = due - now if deadline is None else min(due, deadline) - now
-            try:
-                event: Event = await asyncio.wait_for(sub.get(), max(wait_s, 0.0))
-            except TimeoutError:
-                continue
-            if _about(event) != args.name:
-                continue
-            pending = True
-            if event["event"] == "line":
-                line = str(event["line"])
-            else:
-                last_sent = -HEARTBEAT_S  # a state change goes out at once
-                attempted = attempted or State(event["status"]["state"]) in _ATTEMPTED
+        try:
+            while True:
+                now = time.monotonic()
+                if answer.done():
+                    return StartResult(outcome="running" if answer.result().ok else "failed",
+                                       status=sup.describe(inst),
+                                       elapsed_s=now - began)
+                if deadline is not None and now >= deadline:
+                    return StartResult(outcome="timeout", status=sup.describe(inst),
+                                       elapsed_s=now - began)
+                due = last_sent + (PROGRESS_GAP_S if pending else HEARTBEAT_S)
+                if now >= due:
+                    await emit(_progress(sup.describe(inst), now - began, line))
+                    last_sent, pending = now, False
+                    due = now + HEARTBEAT_S
+                wait_s = due - now if deadline is None else min(due, deadline) - now
+                event = await _next_event(sub, answer, max(wait_s, 0.0))
+                if event is None or _about(event) != args.name:
+                    continue
+                pending = True
+                if event["event"] == "line":
+                    line = str(event["line"])
+                else:
+                    last_sent = -HEARTBEAT_S  # a state change goes out at once
+        finally:
+            answer.cancel()
+
+
+async def _next_event(sub: Subscription, answer: asyncio.Future[Reply],
+                      timeout_s: float) -> Event | None:
+    """The next event, or None when `answer` came or `timeout_s` passed first."""
+    got = asyncio.ensure_future(sub.get())
+    waits: set[asyncio.Future[Any]] = {got, answer}
+    try:
+        await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not got.done():
+            got.cancel()
+    return got.result() if got.done() and not got.cancelled() else None
 
 
 def _about(event: Event) -> str | None:
@@ -143,24 +157,42 @@ def _progress(st: InstanceStatus, elapsed_s: float, line: str | None) -> StartPr
 
 async def stop(daemon: DaemonView, args: StopArgs, emit: Emit) -> InstancesResult:
     """`stop {name?: str}` -> result `InstancesResult {instances: [InstanceStatus]}` once no
-    process of them is left (each within its own stop timeout). Without `name`, every instance,
-    all at once. Errors: unknown_instance.
+    process of them is left (each within its own stop timeout; a stop cuts preflight, loading
+    and backoff short and wins over any earlier start). Without `name`, every instance, all at
+    once. Errors: unknown_instance.
     """
     sup = daemon.supervisor
     names = [sup.get(args.name).name] if args.name else sup.names()
-    await asyncio.gather(*(sup.stop(n) for n in names))
-    return InstancesResult(instances=[s for n in names for s in sup.status(n)])
+    replies = await asyncio.gather(*(sup.ensure_stopped(n) for n in names))
+    _log_unfinished("stop", names, replies)
+    return InstancesResult(instances=[s for n in names for s in _status_if_known(sup, n)])
 
 
 async def restart(daemon: DaemonView, args: RestartArgs, emit: Emit) -> InstancesResult:
     """`restart {name?: str}` -> result `InstancesResult {instances: [InstanceStatus]}` once each
-    is stopped and asked to start again (use `start` with `wait` to follow the start). Without
-    `name`, every instance. Errors: unknown_instance.
+    is stopped and has begun to start again (use `start` with `wait` to follow the start).
+    Without `name`, every instance. Errors: unknown_instance.
     """
     sup = daemon.supervisor
     names = [sup.get(args.name).name] if args.name else sup.names()
-    await asyncio.gather(*(sup.restart(n) for n in names))
-    return InstancesResult(instances=[s for n in names for s in sup.status(n)])
+    replies = await asyncio.gather(*(sup.restart(n) for n in names))
+    _log_unfinished("restart", names, replies)
+    return InstancesResult(instances=[s for n in names for s in _status_if_known(sup, n)])
+
+
+def _status_if_known(sup: Supervisor, name: str) -> list[InstanceStatus]:
+    """`name`'s status, or nothing if a reload removed it meanwhile."""
+    try:
+        return sup.status(name)
+    except UnknownInstance:
+        return []
+
+
+def _log_unfinished(command: str, names: list[str], replies: list[Reply]) -> None:
+    for name, reply in zip(names, replies, strict=True):
+        if not reply.ok:
+            log.info("control_request_unfinished command=%s instance=%s verdict=%s reason=%s",
+                     command, name, reply.verdict, reply.reason)
 
 
 async def reload(daemon: DaemonView, args: ReloadArgs, emit: Emit) -> ReloadResult:
@@ -175,28 +207,46 @@ async def reload(daemon: DaemonView, args: ReloadArgs, emit: Emit) -> ReloadResu
 
 async def logs(daemon: DaemonView, args: LogsArgs, emit: Emit) -> LogsResult:
     """`logs {name: str, n: int = 50, follow: bool = false}` -> result `LogsResult {name, lines}`
-    (the last n lines kept in memory). With `follow`: events `LogsChunk {lines, dropped}`, the
-    last n lines first, then new lines as they come, across restarts of the instance, until the
-    client disconnects (no final frame). Errors: unknown_instance.
+    (the last n lines kept in memory, which is bounded in bytes: see engine.output). With
+    `follow`: events `LogsChunk {lines, dropped}`, the last n lines first (in chunks of at most
+    CHUNK_BYTES), then new lines as they come, across restarts of the instance, until the client
+    disconnects (no final frame). Errors: unknown_instance.
     """
     sup = daemon.supervisor
     if not args.follow:
-        kept = list(sup.get(args.name).lines)
-        return LogsResult(name=args.name, lines=kept[-args.n:] if args.n else [])
+        return LogsResult(name=args.name, lines=sup.get(args.name).lines.tail(args.n))
     # Subscribe and copy the backlog with no await between: no line is lost or sent twice.
     with sup.events.subscribe(size=10_000) as sub:
-        kept = list(sup.get(args.name).lines)
-        await emit(LogsChunk(lines=kept[-args.n:] if args.n else []))
+        kept = sup.get(args.name).lines.tail(args.n)
+        chunks = list(_chunks(kept)) or [[]]
+        for chunk in chunks:
+            await emit(LogsChunk(lines=chunk))
         reported = 0
         while True:
             batch = [await sub.get()]
-            while not sub.queue.empty() and len(batch) < CHUNK_LINES:
-                batch.append(sub.queue.get_nowait())
+            size = 0
+            while not sub.queue.empty() and len(batch) < CHUNK_LINES and size < CHUNK_BYTES:
+                batch.append(sub.take_nowait())
+                size += len(str(batch[-1].get("line", "")))
             lines = [str(e["line"]) for e in batch
                      if e["event"] == "line" and e["name"] == args.name]
             if lines or sub.dropped != reported:
                 await emit(LogsChunk(lines=lines, dropped=sub.dropped - reported))
                 reported = sub.dropped
+
+
+def _chunks(lines: list[str]) -> Iterator[list[str]]:
+    """`lines` in runs of at most CHUNK_LINES lines and about CHUNK_BYTES characters."""
+    chunk: list[str] = []
+    size = 0
+    for line in lines:
+        if chunk and (len(chunk) >= CHUNK_LINES or size + len(line) > CHUNK_BYTES):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(line)
+        size += len(line)
+    if chunk:
+        yield chunk
 
 
 @dataclass(frozen=True)

@@ -19,25 +19,34 @@ class HealthResult:
     detail: str  # "200", "503 Loading model", "connection refused", "timed out after 3s"
 
 
+MAX_ANSWER = 64 * 1024  # a health answer is a few bytes; more is not a llama-server
+
+
 async def probe(host: str, port: int, path: str, timeout_s: float) -> HealthResult:
-    """GET `path`; ok only on status 200. Never raises for network trouble."""
+    """GET `path` and read the whole answer (head and body) within `timeout_s`; ok only on status
+    200. Never raises for network trouble or a malformed answer; anything else (a host name that
+    cannot be encoded, say) is the caller's to handle."""
     writer: asyncio.StreamWriter | None = None
     try:
         async with asyncio.timeout(timeout_s):
-            reader, writer = await asyncio.open_connection(host, port)
+            reader, writer = await asyncio.open_connection(host, port, limit=MAX_ANSWER)
             writer.write(
                 f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n".encode()
             )
             await writer.drain()
-            status_line = await reader.readline()
-            body = b""
-            status = _status(status_line)
-            if status is not None and status != 200:
-                body = await _read_body(reader)
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = _status(head.split(b"\r\n", 1)[0])
+            body = await _read_body(reader, _content_length(head))
     except TimeoutError:
         return HealthResult(False, None, f"timed out after {timeout_s:g}s")
     except ConnectionRefusedError:
         return HealthResult(False, None, "connection refused")
+    except asyncio.LimitOverrunError:
+        return HealthResult(False, None, f"not an HTTP answer (head over {MAX_ANSWER} bytes)")
+    except asyncio.IncompleteReadError:
+        return HealthResult(False, None, "connection closed mid-answer")
+    except _TooLarge:
+        return HealthResult(False, None, f"answer over {MAX_ANSWER} bytes")
     except OSError as exc:
         return HealthResult(False, None, exc.strerror or type(exc).__name__)
     finally:
@@ -51,17 +60,39 @@ async def probe(host: str, port: int, path: str, timeout_s: float) -> HealthResu
     return HealthResult(status == 200, status, detail)
 
 
+class _TooLarge(Exception):
+    pass
+
+
 def _status(line: bytes) -> int | None:
     parts = line.split(None, 2)
     if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
         return None
-    return int(parts[1])
+    return int(parts[1][:3])
 
 
-async def _read_body(reader: asyncio.StreamReader) -> bytes:
-    data = await reader.read(4096)
-    _head, _, body = data.partition(b"\r\n\r\n")
-    return body
+def _content_length(head: bytes) -> int | None:
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            value = value.strip()
+            return int(value) if value.isdigit() and len(value) < 10 else -1
+    return None
+
+
+async def _read_body(reader: asyncio.StreamReader, length: int | None) -> bytes:
+    """The body: `length` bytes, or (no length given) up to the end of the connection."""
+    if length is not None and not 0 <= length <= MAX_ANSWER:
+        raise _TooLarge
+    if length is not None:
+        return await reader.readexactly(length)
+    body = b""
+    while len(body) <= MAX_ANSWER:
+        more = await reader.read(MAX_ANSWER + 1 - len(body))
+        if not more:
+            return body
+        body += more
+    raise _TooLarge
 
 
 def _message(body: bytes) -> str:

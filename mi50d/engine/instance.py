@@ -1,9 +1,13 @@
-"""One supervised llama-server instance: its state machine and its run loop.
+"""One supervised llama-server instance: its state machine, its requests and its owner loop.
 
-The loop reads as a sentence: wait until wanted -> preflight -> spawn -> wait for the first of
-(exit | hang or start timeout | stop request) -> ask the restart policy -> back off -> again.
-Every state change goes through `_set_state`, is checked against `states.TRANSITIONS` and is
-logged once as `state_changed`. Exits are awaited (`Process.wait`), never polled.
+Requests (`request`, `reconfigure`) only record the goal and return a ticket (see
+`engine.desired` for the table); the loop here is the one owner of the process and the
+configuration. It reads as a sentence: take a new configuration if one waits -> if the goal is
+down, settle the stops and wait for a request -> else preflight -> spawn -> wait for the first of
+(exit | hang or start timeout | a request that interrupts) -> ask the restart policy -> back off
+-> again. Every state change goes through `set_state`, is checked against `states.TRANSITIONS`
+and is logged once as `state_changed`. An exception anywhere in one turn of the loop becomes this
+instance's FAILED state with the cause in one line, and the loop goes on taking requests.
 """
 
 from __future__ import annotations
@@ -13,38 +17,38 @@ import contextlib
 import logging
 import os
 import time
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from mi50d.config import DaemonConfig, InstanceConfig
 from mi50d.engine import policy
-from mi50d.engine.health import probe
-from mi50d.engine.process import Child, SpawnSpec, describe_status, spawn
+from mi50d.engine.desired import Goal, Kind, Pending, Ticket, Verdict
+from mi50d.engine.output import Lines
+from mi50d.engine.process import GONE_S, Child, SpawnSpec, describe_status, spawn
+from mi50d.engine.run import Ended, Hooks, Preflight, bounded, first_of, health_watch, one_line
 from mi50d.engine.states import ALIVE, Outcome, State, check_transition
 from mi50d.host.accounts import Account
 
 log = logging.getLogger("mi50d.engine.instance")
 
 KEEP_LINES_ON_FAILURE = 20
-FIRST_PROBE_S = 0.01
-MAX_START_PROBE_GAP_S = 0.25
+DIAGNOSE_TIMEOUT_S = 5.0
+
+# Why a request interrupted the current attempt: the reason of the STOPPING/STOPPED it causes.
+_WHY = {
+    Kind.STOP: "stopped on request",
+    Kind.RESTART: "restarting on request",
+    Kind.RECONFIGURE: "restarting with the changed configuration (reload)",
+    Kind.CLOSE: "stopped: removed by a reload or the daemon is stopping",
+}
 
 
 @dataclass(frozen=True)
-class Ended:
-    """How one run ended (None from `_attempt` means: stopped on request)."""
-
-    outcome: Outcome
-    detail: str
-    healthy_for_s: float = 0.0
-
-
-# Called on the loop before every spawn; the job it returns runs in a worker thread and returns
-# None, or one line: cause and fix.
-Preflight = Callable[[InstanceConfig], Callable[[], str | None]]
-# A reading of the last output lines after a failure: returns (one-line diagnosis, fatal) or None.
-Diagnose = Callable[[Sequence[str]], tuple[str, bool] | None]
+class _NextConfig:
+    config: InstanceConfig
+    daemon: DaemonConfig
+    account: Account | None
+    hold: asyncio.Event | None  # the start waits for this (a reload's other stops) when given
 
 
 class Instance:
@@ -55,18 +59,14 @@ class Instance:
         account: Account | None,
         on_change: Callable[[Instance], None],
         on_line: Callable[[Instance, str], None],
-        preflight: Preflight | None = None,
-        diagnose: Diagnose | None = None,
-        degraded: Callable[[Sequence[str]], str | None] | None = None,
+        hooks: Hooks | None = None,
     ) -> None:
         self.config = config
         self.daemon = daemon
         self.account = account
         self._on_change = on_change
         self._on_line = on_line
-        self._preflight = preflight
-        self._diagnose = diagnose
-        self._degraded = degraded
+        self.hooks = hooks or Hooks()
         self.state = State.STOPPED
         self.reason = "not started"
         self.since = time.time()
@@ -75,18 +75,22 @@ class Instance:
         self.last_exit: str | None = None
         self.diagnosis: str | None = None
         self.last_lines: tuple[str, ...] = ()
-        self.lines: deque[str] = deque(maxlen=daemon.log_lines)
+        self.lines = Lines(daemon.log_lines)
         self.history = policy.History()
+        self.goal = Goal.DOWN
+        self.pending = Pending()
         self._running_since: float | None = None
-        self._wanted = False
-        self._closed = False
-        self._wake = asyncio.Event()  # a control request arrived
-        self._stop = asyncio.Event()  # stop the current run
+        self._why = _WHY[Kind.STOP]
+        self._next: _NextConfig | None = None
+        self._hold: asyncio.Event | None = None
+        self._wake = asyncio.Event()  # a request arrived (the idle loop waits on it)
+        self._interrupt = asyncio.Event()  # the current attempt or backoff must end
+        self._hurry = asyncio.Event()  # stop without waiting out stop.timeout_s
         self._line = asyncio.Event()  # the child printed something
-        self._changed = asyncio.Event()  # set and replaced on every change (see wait_for)
-        self._busy = False  # between leaving the idle wait and being idle again
+        self._ended = asyncio.Event()  # the loop has returned
+        self._preflight = Preflight(config.name)
 
-    # ---- control (called by the supervisor) -------------------------------------------------
+    # ---- requests (synchronous: recorded before the caller's next await) ---------------------
 
     @property
     def name(self) -> str:
@@ -94,106 +98,223 @@ class Instance:
 
     @property
     def wanted(self) -> bool:
-        """A user or autostart asked for it to be up (and nobody since asked for it down)."""
-        return self._wanted
+        """The goal is up: a start, restart or autostart is the latest word."""
+        return self.goal is Goal.UP
 
     def uptime_s(self) -> float | None:
         if self._running_since is None:
             return None
         return time.monotonic() - self._running_since
 
-    def request_start(self) -> None:
-        """Want it up. A user start also clears FAILED and the restart history."""
-        if self.state in (State.FAILED, State.STOPPED):
-            self.history = policy.History()
-        self._wanted = True
-        self._stop.clear()
+    def request(self, kind: Kind) -> Ticket:
+        """Record a start, restart, stop or close; the returned ticket resolves as
+        `engine.desired` says."""
+        ticket = Ticket(kind, self._now)
+        self.pending.add(ticket)
+        if self.goal is Goal.CLOSED or self._ended.is_set():
+            if kind in (Kind.START, Kind.RESTART):
+                ticket.resolve(Verdict.REMOVED, self.state, "the instance was removed")
+            elif self._ended.is_set():
+                ticket.resolve(Verdict.REACHED, self.state, self.reason)
+            return ticket
+        if kind in (Kind.START, Kind.RESTART) and self.goal is not Goal.UP:
+            self.history = policy.History()  # a user start leaves FAILED with a fresh history
+        if kind is Kind.START:
+            self.goal = Goal.UP
+            if self.state in (State.RUNNING, State.UNHEALTHY) and not self._interrupt.is_set():
+                ticket.resolve(Verdict.REACHED, self.state, self.reason)
+        elif kind is Kind.RESTART:
+            self.goal = Goal.UP
+            self._interrupt_for(kind)
+        elif kind is Kind.STOP:
+            self.goal = Goal.DOWN
+            self._interrupt_for(kind)
+        elif kind is Kind.CLOSE:
+            self.goal = Goal.CLOSED
+            self._interrupt_for(kind)
         self._wake.set()
+        return ticket
 
-    async def stop(self) -> None:
-        """Want it down; return once no process is left."""
-        self._wanted = False
-        self._stop.set()
+    def reconfigure(self, config: InstanceConfig, daemon: DaemonConfig, account: Account | None,
+                    hold: asyncio.Event | None = None) -> Ticket:
+        """Replace the launch: the loop stops a process of the old one, takes `config`, and (goal
+        still up) starts again once `hold` is set. Resolves when the new one is in place."""
+        ticket = Ticket(Kind.RECONFIGURE, self._now)
+        self.pending.add(ticket)
+        if self._ended.is_set():
+            ticket.resolve(Verdict.REMOVED, self.state, "the instance was removed")
+            return ticket
+        self._next = _NextConfig(config, daemon, account, hold)
+        self._interrupt_for(Kind.RECONFIGURE)
         self._wake.set()
-        await self.wait_for(lambda: self.state in (State.STOPPED, State.FAILED) and not
-                            self._busy)
+        return ticket
 
-    async def close(self) -> None:
-        """Stop for good: the run loop returns."""
-        self._closed = True
-        await self.stop()
+    def planned(self) -> tuple[InstanceConfig, DaemonConfig, Account | None]:
+        """The configuration in place once a pending reconfigure is taken."""
+        if self._next is not None:
+            return self._next.config, self._next.daemon, self._next.account
+        return self.config, self.daemon, self.account
 
-    async def wait_for(self, predicate: Callable[[], bool]) -> None:
-        """Wait until `predicate()` holds; re-checked on every state change."""
-        while not predicate():
-            await self._changed.wait()
+    def update(self, config: InstanceConfig, daemon: DaemonConfig) -> None:
+        """A reload that leaves the launch as it is: take the new objects (source path, daemon
+        settings such as `preflight` and `[host]`) for the next attempt, without a restart."""
+        if self._next is not None:
+            self._next = _NextConfig(config, daemon, self._next.account, self._next.hold)
+            return
+        self.config, self.daemon = config, daemon
+        self.lines.resize(daemon.log_lines)
+
+    def hurry(self) -> None:
+        """From now on stops do not wait out stop.timeout_s: SIGKILL at once."""
+        self._hurry.set()
+
+    async def close(self, timeout_s: float | None = None) -> None:
+        """Stop for good and wait (bounded) until the loop has returned."""
+        ticket = self.request(Kind.CLOSE)
+        await ticket.wait(self.stop_bound_s() if timeout_s is None else timeout_s)
+
+    def stop_bound_s(self) -> float:
+        """How long a stop can take at most: SIGTERM's grace, SIGKILL, the group's stragglers."""
+        return self.config.stop.timeout_s + 2 * GONE_S + 5.0
+
+    def _interrupt_for(self, kind: Kind) -> None:
+        self._why = _WHY[kind]
+        self._interrupt.set()
+
+    def _now(self) -> tuple[State, str]:
+        return self.state, self.reason
 
     # ---- the loop ----------------------------------------------------------------------------
 
     async def run(self) -> None:
-        while True:
-            self._busy = False
-            self._notify()
-            while not (self._wanted or self._closed):
-                self._wake.clear()
-                await self._wake.wait()
-            if self._closed:
-                return
-            self._busy = True
-            ended = await self._attempt()
-            if ended is None:
-                if self.state is not State.STOPPED:
-                    self._set_state(State.STOPPED, "stopped on request")
-                continue
-            decision = policy.decide(
-                self.config.restart, ended.outcome, self.history, time.monotonic(),
-                ended.healthy_for_s,
-            )
-            self.history = decision.history
-            if decision.delay_s is None:
-                self._wanted = False
-                final = State.STOPPED if ended.outcome is Outcome.CLEAN else State.FAILED
-                self._set_state(final, f"{ended.detail}; {decision.reason}")
-                continue
-            self._set_state(State.BACKOFF, f"{ended.detail}; {decision.reason}")
-            if await self._stop_within(decision.delay_s):
-                self._set_state(State.STOPPED, "stopped on request")
-                continue
-            self.restarts += 1
+        self._notify()  # the first state, for event readers
+        try:
+            while await self._turn():
+                pass
+        finally:
+            self._ended.set()
+            self.pending.resolve({Kind.STOP, Kind.CLOSE}, Verdict.REACHED, self.state, self.reason)
+            self.pending.resolve({Kind.START, Kind.RESTART, Kind.RECONFIGURE}, Verdict.REMOVED,
+                                 self.state, "the instance was removed")
 
-    async def _stop_within(self, delay_s: float) -> bool:
+    async def _turn(self) -> bool:
+        """One turn of the loop; False once closed. Nothing raised in it ends the loop."""
+        try:
+            return await self._reconcile()
+        except Exception as exc:
+            self._internal_error(exc)
+            return True
+
+    async def _reconcile(self) -> bool:
+        # Everything asked so far is seen below, with no await before it: an interrupt that
+        # arrives later is a new request and is set again.
+        self._interrupt.clear()
+        self._take_config()
+        if self.goal is Goal.CLOSED:
+            if self.state not in (State.STOPPED, State.FAILED):
+                self.set_state(State.STOPPED, self._why)
+            return False
+        if self.goal is Goal.DOWN:
+            self.pending.resolve({Kind.STOP}, Verdict.REACHED, self.state, self.reason)
+            self._wake.clear()
+            await self._wake.wait()
+            return True
+        if self._hold is not None:
+            if not self._hold.is_set():
+                await first_of(self._hold.wait(), self._interrupt.wait())
+                return True
+            self._hold = None
+        ended = await self._attempt()
+        if ended is None:  # a request interrupted it; no process is left
+            if self.state is not State.STOPPED:
+                self.set_state(State.STOPPED, self._why)
+            return True
+        await self._after(ended)
+        return True
+
+    def _take_config(self) -> None:
+        if self._next is None:
+            return
+        nxt, self._next = self._next, None
+        self.config, self.daemon, self.account = nxt.config, nxt.daemon, nxt.account
+        self.lines.resize(nxt.daemon.log_lines)
+        self._hold = nxt.hold
+        self.pending.resolve({Kind.RECONFIGURE}, Verdict.REACHED, self.state,
+                             "the new configuration is in place")
+
+    async def _after(self, ended: Ended) -> None:
+        """Ask the restart policy; give up, or back off (a request may cut the delay short)."""
+        decision = policy.decide(self.config.restart, ended.outcome, self.history,
+                                 time.monotonic(), ended.healthy_for_s)
+        self.history = decision.history
+        if decision.delay_s is None:
+            final = State.STOPPED if ended.outcome is Outcome.CLEAN else State.FAILED
+            self._give_up(final, f"{ended.detail}; {decision.reason}")
+            return
+        self.set_state(State.BACKOFF, f"{ended.detail}; {decision.reason}")
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(delay_s):
-                await self._stop.wait()
-        return self._stop.is_set()
+            async with asyncio.timeout(decision.delay_s):
+                await self._interrupt.wait()
+        if not self._interrupt.is_set():
+            self.restarts += 1
+        elif self.goal is not Goal.UP:
+            self.set_state(State.STOPPED, self._why)
+
+    def _give_up(self, final: State, reason: str) -> None:
+        """The loop itself decides to stay down: pending starts are answered `failed`."""
+        if self.goal is Goal.UP:
+            self.goal = Goal.DOWN
+        if self.state is final:
+            self.reason = reason
+            self._notify()
+        else:
+            self.set_state(final, reason)
+        self.pending.resolve({Kind.START, Kind.RESTART}, Verdict.FAILED, self.state, reason)
+
+    def _internal_error(self, exc: Exception) -> None:
+        log.exception("instance_internal_error instance=%s", self.name)
+        cause = f"internal error in mi50d ({one_line(exc)})"
+        self.pid = None
+        self._running_since = None
+        self.diagnosis = cause
+        self._give_up(State.FAILED, f"{cause}; see the journal")
 
     async def _attempt(self) -> Ended | None:
-        if self._stop.is_set():
-            return None
-        self._set_state(State.STARTING, "preflight" if self._preflight else "spawning")
-        if self._preflight is not None:
-            problem = await asyncio.to_thread(self._preflight(self.config))
+        """One start: preflight, spawn, watch. None: a request interrupted it (no process left)."""
+        config, daemon = self.config, self.daemon
+        job = self.hooks.preflight_job(config, daemon, self.account)
+        self.set_state(State.STARTING, "preflight" if job else "spawning")
+        if job is not None:
+            problem = await self._preflight.run(job, self._interrupt)
+            if self._interrupt.is_set():
+                return None  # asked to stop meanwhile: nothing is spawned
             if problem is not None:
                 self.diagnosis = problem
                 return Ended(Outcome.FATAL, f"preflight failed: {problem}")
         spec = SpawnSpec(
-            argv=self.config.argv(self.daemon),
-            env=self.config.environment(
+            argv=config.argv(daemon),
+            env=config.environment(
                 {**os.environ, **(self.account.environment() if self.account else {})}),
             account=self.account,
             on_line=self._take_line,
         )
         self.diagnosis = None
         try:
-            async with spawn(spec, self.config.stop.timeout_s) as child:
+            async with contextlib.AsyncExitStack() as stack:
+                try:
+                    child = await stack.enter_async_context(
+                        spawn(spec, config.stop.timeout_s, self._hurry))
+                except OSError as exc:
+                    return Ended(Outcome.FATAL,
+                                 f"cannot execute {spec.argv[0]}: {exc.strerror or exc}")
+                except ValueError as exc:  # a NUL byte or an '=' in the environment, say
+                    return Ended(Outcome.FATAL, f"cannot start {spec.argv[0]!r}: {exc}")
                 self.pid = child.pid
                 self.reason = f"spawned pid {child.pid}; loading"
                 self._notify()
                 log.info("instance_spawned instance=%s pid=%d argv=%s", self.name, child.pid,
                          " ".join(spec.argv))
                 return await self._watch(child)
-        except OSError as exc:
-            return Ended(Outcome.FATAL, f"cannot execute {spec.argv[0]}: {exc.strerror}")
         finally:
             self.pid = None
             self._running_since = None
@@ -201,14 +322,14 @@ class Instance:
     async def _watch(self, child: Child) -> Ended | None:
         pump = asyncio.create_task(child.pump_output())
         exited = asyncio.create_task(child.wait())
-        health = asyncio.create_task(self._health())
-        stop = asyncio.create_task(self._stop.wait())
+        health = asyncio.create_task(health_watch(self))
+        stop = asyncio.create_task(self._interrupt.wait())
         try:
             await asyncio.wait({exited, health, stop}, return_when=asyncio.FIRST_COMPLETED)
             healthy_for = self.uptime_s() or 0.0
             if stop.done():
-                self._set_state(State.STOPPING, "stop requested: SIGTERM")
-                status = await child.terminate(self.config.stop.timeout_s)
+                self.set_state(State.STOPPING, f"{self._why}: SIGTERM")
+                status = await child.terminate(self.config.stop.timeout_s, self._hurry)
                 self.last_exit = describe_status(status)
                 return None
             if exited.done():
@@ -216,29 +337,30 @@ class Instance:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(1.0):  # the rest of its output
                         await pump
-                return self._exit_outcome(status, healthy_for)
-            outcome, detail = health.result()
+                return await self._exit_outcome(status, healthy_for)
+            outcome, detail = health.result()  # raises what the probe could not handle
             status = await child.kill()
             self.last_exit = describe_status(status)
-            return self._failure(outcome, f"{detail}; killed", healthy_for)
+            return await self._failure(outcome, f"{detail}; killed", healthy_for)
         finally:
             for task in (pump, exited, health, stop):
                 task.cancel()
             await asyncio.gather(pump, exited, health, stop, return_exceptions=True)
 
-    def _exit_outcome(self, status: int, healthy_for: float) -> Ended:
+    async def _exit_outcome(self, status: int, healthy_for: float) -> Ended:
         self.last_exit = describe_status(status)
         if self.state is State.STARTING:
-            return self._failure(Outcome.START_FAILED, f"exited during start ({self.last_exit})",
-                                 healthy_for)
+            return await self._failure(Outcome.START_FAILED,
+                                       f"exited during start ({self.last_exit})", healthy_for)
         if status == 0:
             return Ended(Outcome.CLEAN, "exited cleanly (exit 0)", healthy_for)
-        return self._failure(Outcome.CRASH, f"crashed ({self.last_exit})", healthy_for)
+        return await self._failure(Outcome.CRASH, f"crashed ({self.last_exit})", healthy_for)
 
-    def _failure(self, outcome: Outcome, detail: str, healthy_for: float) -> Ended:
-        self.last_lines = tuple(self.lines)[-KEEP_LINES_ON_FAILURE:]
-        if self._diagnose is not None:
-            found = self._diagnose(self.last_lines)
+    async def _failure(self, outcome: Outcome, detail: str, healthy_for: float) -> Ended:
+        self.last_lines = tuple(self.lines.tail(KEEP_LINES_ON_FAILURE))
+        diagnose = self.hooks.diagnose_of(self.config)
+        if diagnose is not None:
+            found = await bounded(diagnose, self.last_lines, DIAGNOSE_TIMEOUT_S)
             if found is not None:
                 self.diagnosis, fatal = found
                 detail = f"{detail}: {self.diagnosis}"
@@ -246,78 +368,22 @@ class Instance:
                     outcome = Outcome.FATAL
         return Ended(outcome, detail, healthy_for)
 
-    async def _health(self) -> tuple[Outcome, str]:
-        """Wait for the first 200, then watch; return only on a hang or a start timeout."""
-        cfg = self.config.health
-        try:
-            async with asyncio.timeout(cfg.start_timeout_s):
-                await self._until_ready()
-        except TimeoutError:
-            return Outcome.START_FAILED, f"not ready within start_timeout_s={cfg.start_timeout_s:g}"
+    # ---- bookkeeping (also used by engine.run) -----------------------------------------------
+
+    def mark_ready(self, path: str) -> None:
         self._running_since = time.monotonic()
-        if self._degraded is not None:
-            self.diagnosis = self._degraded(tuple(self.lines))
-        self._set_state(State.RUNNING, f"{cfg.path} answered 200")
-        failures = 0
-        host, port = self._probe_address()
-        # Probes keep a fixed schedule (a slow, timed-out probe does not push the next one
-        # back), so a hang is caught within interval_s * failures + timeout_s.
-        clock = asyncio.get_running_loop().time
-        due = clock()
-        while True:
-            due = max(due + cfg.interval_s, clock())
-            await asyncio.sleep(due - clock())
-            result = await probe(host, port, cfg.path, cfg.timeout_s)
-            if result.ok:
-                if failures:
-                    log.info("health_recovered instance=%s", self.name)
-                failures = 0
-                if self.state is State.UNHEALTHY:
-                    self._set_state(State.RUNNING, f"{cfg.path} answers 200 again")
-                continue
-            failures += 1
-            log.warning("health_failed instance=%s failures=%d/%d detail=%s", self.name,
-                        failures, cfg.failures, result.detail)
-            if failures >= cfg.failures:
-                return Outcome.HANG, (f"hang: {failures} health probes failed in a row "
-                                      f"(last: {result.detail})")
-            if self.state is State.RUNNING:
-                self._set_state(State.UNHEALTHY, f"health probe failed: {result.detail}")
+        self.set_state(State.RUNNING, f"{path} answered 200")
 
-    async def _until_ready(self) -> None:
-        """Probe until 200: right after each output line (llama-server logs when it is ready),
-        else with gaps growing from 10 ms to 250 ms, so readiness is seen within one probe."""
-        host, port = self._probe_address()
-        cfg = self.config.health
-        gap = FIRST_PROBE_S
-        while True:
-            self._line.clear()
-            result = await probe(host, port, cfg.path, cfg.timeout_s)
-            if result.ok:
-                return
-            if result.status is not None:
-                self.reason = f"loading ({result.detail})"
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(gap):
-                    await self._line.wait()
-            gap = min(gap * 1.5, MAX_START_PROBE_GAP_S)
-
-    def _probe_address(self) -> tuple[str, int]:
-        host = self.config.host
-        if host in ("0.0.0.0", ""):
-            host = "127.0.0.1"
-        elif host == "::":
-            host = "::1"
-        return host, self.config.port
-
-    # ---- bookkeeping -------------------------------------------------------------------------
+    def line_event(self) -> asyncio.Event:
+        return self._line
 
     def _take_line(self, line: str) -> None:
         self.lines.append(line)
         self._line.set()
         self._on_line(self, line)
 
-    def _set_state(self, new: State, reason: str) -> None:
+    def set_state(self, new: State, reason: str) -> None:
+        """The one way the state changes; only the owner loop (here and engine.run) calls it."""
         old = self.state
         check_transition(old, new)
         self.state = new
@@ -326,9 +392,14 @@ class Instance:
         if new not in ALIVE:
             self._running_since = None
         log.info("state_changed instance=%s old=%s new=%s reason=%s", self.name, old, new, reason)
+        if new is State.STARTING:
+            self.pending.resolve({Kind.RESTART}, Verdict.REACHED, new, reason)
+        elif new is State.RUNNING:
+            self.pending.resolve({Kind.START}, Verdict.REACHED, new, reason)
         self._notify()
 
     def _notify(self) -> None:
-        self._on_change(self)
-        self._changed.set()
-        self._changed = asyncio.Event()
+        try:
+            self._on_change(self)
+        except Exception:  # a view's bug must not stop the loop
+            log.exception("state_hook_failed instance=%s", self.name)

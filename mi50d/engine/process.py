@@ -1,10 +1,12 @@
 """Launching one child process: the only place that forks.
 
 `spawn(spec)` is an async context manager yielding a `Child` (pid, exit wait, signals, output
-lines). Leaving the context always ends the child: SIGTERM to its process group, wait, SIGKILL,
-reap. The child gets its own session (so signals reach the whole group), a parent-death signal
-(so `kill -9` of mi50d takes it down too), and, when the daemon is root, the configured account's
-uid, gid and supplementary groups.
+lines). Leaving the context always ends the whole process group, not only the leader: SIGTERM to
+the group, wait for every member (the leader reaped, the others through pidfds), SIGKILL what is
+left, also when the leader already exited and left a child of its own behind. The child gets
+its own session (so signals reach the whole group), a parent-death signal (so `kill -9` of mi50d
+takes the leader down too; its own children only through the group, on a stop), and, when the
+daemon is root, the configured account's uid, gid and supplementary groups.
 
 Today children are direct children. Running an instance as its own systemd unit later would be a
 second implementation of this same small interface (pid, wait, signal, lines).
@@ -17,14 +19,16 @@ import contextlib
 import ctypes
 import os
 import signal
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from mi50d.engine.output import cut
 from mi50d.host.accounts import Account
 
 PR_SET_PDEATHSIG = 1
 MAX_LINE = 1 << 20
+GONE_S = 5.0  # after SIGKILL, how long to wait for the group's other processes to end
 
 
 @dataclass(frozen=True)
@@ -70,11 +74,12 @@ class Child:
     def __init__(self, proc: asyncio.subprocess.Process, on_line: Callable[[str], None] | None):
         self._proc = proc
         self._on_line = on_line
-        self.pid = proc.pid
+        self.pid = proc.pid  # also the process group's id (a session of its own)
         self.returncode: int | None = None
 
     async def pump_output(self) -> None:
-        """Forward output lines until EOF (the child and every holder of its stdout ended)."""
+        """Forward output lines (each cut to MAX_LINE_BYTES) until EOF: the child and every holder
+        of its stdout ended."""
         stream = self._proc.stdout
         assert stream is not None
         while True:
@@ -85,38 +90,114 @@ class Child:
             if not raw:
                 return
             if self._on_line is not None:
-                self._on_line(raw.decode("utf-8", "replace").rstrip("\r\n"))
+                self._on_line(cut(raw))
 
     async def wait(self) -> int:
         self.returncode = await self._proc.wait()
         return self.returncode
 
     def signal_group(self, sig: int) -> None:
-        if self.returncode is not None:
-            return
+        """Signal every process of the group, the leader gone or not: a child it left behind
+        keeps the group (and its id) alive."""
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, sig)
 
-    async def terminate(self, timeout_s: float) -> int:
-        """SIGTERM the group, wait up to `timeout_s`, then SIGKILL; return the exit status."""
-        if self.returncode is None:
+    async def terminate(self, timeout_s: float, hurry: asyncio.Event | None = None) -> int:
+        """SIGTERM the group; wait up to `timeout_s` (less once `hurry` is set) for every process
+        of it to end; then SIGKILL what is left. Returns the leader's exit status."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        others = await asyncio.to_thread(group_members, self.pid, self.pid)
+        if self.returncode is None or others:
             self.signal_group(signal.SIGTERM)
             self.signal_group(signal.SIGCONT)  # a stopped process cannot act on SIGTERM
-            try:
-                async with asyncio.timeout(timeout_s):
-                    return await self.wait()
-            except TimeoutError:
-                pass
+            await _first(_all_ended(self.wait(), others), deadline, hurry)
         return await self.kill()
 
     async def kill(self) -> int:
+        """SIGKILL the group, reap the leader, and wait (bounded) for the rest of it to end."""
         self.signal_group(signal.SIGKILL)
-        return await asyncio.shield(self.wait())
+        status = await asyncio.shield(self.wait())
+        others = await asyncio.to_thread(group_members, self.pid, self.pid)
+        if others:
+            self.signal_group(signal.SIGKILL)
+            loop = asyncio.get_running_loop()
+            await _first(_ended(others), loop.time() + GONE_S, None)
+        return status
+
+
+def group_members(pgid: int, leader: int | None = None) -> list[int]:
+    """Pids in process group `pgid` (but `leader`), read from /proc: a worker thread's job."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == leader:
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat.rpartition(b")")[2].split()
+        if len(fields) > 2 and fields[2] == str(pgid).encode():
+            found.append(int(entry.name))
+    return found
+
+
+async def _first(work: Awaitable[object], deadline: float, hurry: asyncio.Event | None) -> None:
+    """Await `work` until `deadline` (loop time) or until `hurry` is set, whichever is first."""
+    task = asyncio.ensure_future(work)
+    waits: set[asyncio.Future[Any]] = {task}
+    hurried = None
+    if hurry is not None:
+        hurried = asyncio.ensure_future(hurry.wait())
+        waits.add(hurried)
+    try:
+        loop = asyncio.get_running_loop()
+        await asyncio.wait(waits, timeout=max(deadline - loop.time(), 0),
+                           return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in waits:
+            t.cancel()
+        await asyncio.gather(*waits, return_exceptions=True)
+
+
+async def _all_ended(leader: Awaitable[int], others: list[int]) -> None:
+    await asyncio.gather(leader, _ended(others))
+
+
+async def _ended(pids: list[int]) -> None:
+    """Wait until every one of `pids` has exited (pidfds, not polling); unknown pids count as
+    ended. They are not our children, so there is nothing to reap."""
+    loop = asyncio.get_running_loop()
+    fds: list[int] = []
+    try:
+        waits = []
+        for pid in pids:
+            try:
+                fd = os.pidfd_open(pid)
+            except OSError:  # gone already
+                continue
+            fds.append(fd)
+            ended: asyncio.Future[None] = loop.create_future()
+            loop.add_reader(fd, _settle, ended)
+            waits.append(ended)
+        await asyncio.gather(*waits)
+    finally:
+        for fd in fds:
+            loop.remove_reader(fd)
+            os.close(fd)
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 @contextlib.asynccontextmanager
-async def spawn(spec: SpawnSpec, stop_timeout_s: float = 10.0) -> AsyncIterator[Child]:
-    """Start `spec.argv`; on leaving, make sure the child and its group are gone and reaped."""
+async def spawn(spec: SpawnSpec, stop_timeout_s: float = 10.0,
+                hurry: asyncio.Event | None = None) -> AsyncIterator[Child]:
+    """Start `spec.argv`; on leaving, make sure every process of its group is gone and the
+    leader reaped (`hurry` set: without waiting out the stop timeout)."""
     proc = await asyncio.create_subprocess_exec(
         *spec.argv,
         stdin=asyncio.subprocess.DEVNULL,
@@ -132,7 +213,7 @@ async def spawn(spec: SpawnSpec, stop_timeout_s: float = 10.0) -> AsyncIterator[
     try:
         yield child
     finally:
-        await _to_completion(child.terminate(stop_timeout_s))
+        await _to_completion(child.terminate(stop_timeout_s, hurry))
 
 
 async def _to_completion(coro: Coroutine[Any, Any, int]) -> None:

@@ -1,4 +1,5 @@
-"""All instances, one task each in the daemon's TaskGroup; start/stop/restart; reload as a diff.
+"""All instances, one task each in the daemon's TaskGroup; the requests on them by name
+(start/stop/restart, and `ensure_running`/`ensure_stopped` for the gateway); reload as a diff.
 
 `apply(new_config)` restarts only instances whose effective launch changed (frozen configs compare
 with `!=`), starts added ones that autostart, stops removed ones and does not touch the rest: no
@@ -13,10 +14,12 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from mi50d.config import Config, InstanceConfig
+from mi50d.config import Config, DaemonConfig, InstanceConfig
 from mi50d.control.protocol import InstanceStatus
+from mi50d.engine.desired import Kind, Reply, Ticket
 from mi50d.engine.events import Hub
 from mi50d.engine.instance import Instance
+from mi50d.engine.run import Hooks, short
 from mi50d.engine.states import ALIVE, State
 from mi50d.host.accounts import Account
 from mi50d.host.gpumem import process_vram
@@ -50,6 +53,7 @@ class Supervisor:
         self.account = account  # from accounts.account_for(config)
         self.events = Hub()
         self._instances: dict[str, Instance] = {}
+        self._closing: set[Instance] = set()  # removed by a reload, still stopping
         self._tg: asyncio.TaskGroup | None = None
         self.on_change: list[Callable[[], None]] = []
         self._logged_vram: dict[str, tuple[int, dict[int, int]]] = {}  # name: (pid, per GPU)
@@ -62,42 +66,49 @@ class Supervisor:
         for conf in self.config.instances.values():
             inst = self._add(conf)
             if conf.autostart:
-                inst.request_start()
+                inst.request(Kind.START)
 
     async def shutdown(self) -> None:
-        """Stop every instance at once (each within its own stop timeout) and end their tasks."""
-        await asyncio.gather(*(inst.close() for inst in self._instances.values()))
+        """Close every instance at once (each bounded by its own stop timeout)."""
+        await asyncio.gather(*(inst.close() for inst in self._instances.values()),
+                             *(inst.close() for inst in self._closing))
+
+    def hurry(self) -> None:
+        """A second SIGTERM: every stop under way or to come SIGKILLs at once."""
+        for inst in (*self._instances.values(), *self._closing):
+            inst.hurry()
 
     def _add(self, config: InstanceConfig) -> Instance:
         assert self._tg is not None, "launch() first"
-        daemon = self.config.daemon
-        account = self.account
 
-        def preflight(conf: InstanceConfig) -> Callable[[], str | None]:
+        def preflight(conf: InstanceConfig, daemon: DaemonConfig,
+                      account: Account | None) -> Callable[[], str | None]:
             return preflight_job(conf, daemon, account, self.others(conf.name))
 
         inst = Instance(
             config,
-            daemon,
-            account,
+            self.config.daemon,
+            self.account,
             on_change=self._changed,
             on_line=self._line,
-            preflight=preflight if daemon.preflight else None,
-            diagnose=diagnose_failure(config),
-            degraded=degraded_reason(config),
+            hooks=Hooks(preflight=preflight, diagnose=diagnose_failure,
+                        degraded=degraded_reason),
         )
         self._instances[config.name] = inst
         self._tg.create_task(self._guarded(inst), name=f"instance:{config.name}")
         return inst
 
     async def _guarded(self, inst: Instance) -> None:
-        """One instance's bug must not take the others down: log it, leave that one failed."""
+        """The loop turns its own errors into the instance's FAILED state; this is the last
+        line, for a bug in the loop itself: log it, leave that instance failed."""
         try:
             await inst.run()
         except Exception:
             log.exception("instance_crashed instance=%s", inst.name)
             inst.state, inst.reason = State.FAILED, "internal error in mi50d; see the journal"
             self._changed(inst)
+        finally:
+            self._closing.discard(inst)
 
     # ---- commands ----------------------------------------------------------------------------
 
@@ -110,52 +121,77 @@ class Supervisor:
     def names(self) -> list[str]:
         return sorted(self._instances)
 
-    def start(self, name: str) -> Instance:
-        inst = self.get(name)
-        inst.request_start()
-        return inst
+    def start(self, name: str) -> Ticket:
+        """Ask for `name` to be up; the ticket resolves once it runs or gives up."""
+        return self.get(name).request(Kind.START)
 
-    async def stop(self, name: str) -> Instance:
-        inst = self.get(name)
-        await inst.stop()
-        return inst
+    async def ensure_running(self, name: str, timeout_s: float | None = None) -> Reply:
+        """Ask for `name` to be up and wait until it is (`reached`, state running), it gave up
+        (`failed`: see reply.reason), a later stop came first (`superseded`), a reload removed
+        it (`removed`), or `timeout_s` passed (`timeout`; it keeps starting). Returns at once
+        when it runs already. Raises only UnknownInstance. For the gateway and `start`."""
+        return await self.start(name).wait(timeout_s)
 
-    async def restart(self, name: str) -> Instance:
-        inst = await self.stop(name)
-        inst.request_start()
-        return inst
+    async def ensure_stopped(self, name: str, timeout_s: float | None = None) -> Reply:
+        """Ask for `name` to be down and wait until no process of it is left (`reached`, state
+        stopped or failed), a later start came first (`superseded`), or `timeout_s` passed
+        (None: its stop timeout plus the SIGKILL's grace). A stop always wins over any start
+        asked before it, and cuts preflight, loading and backoff short. Raises only
+        UnknownInstance. For the gateway (evict, idle stop) and `stop`."""
+        inst = self.get(name)
+        ticket = inst.request(Kind.STOP)
+        return await ticket.wait(inst.stop_bound_s() if timeout_s is None else timeout_s)
+
+    async def stop(self, name: str, timeout_s: float | None = None) -> Reply:
+        return await self.ensure_stopped(name, timeout_s)
+
+    async def restart(self, name: str, timeout_s: float | None = None) -> Reply:
+        """Stop `name` if it runs and start it again; the reply comes once the new attempt has
+        begun (follow it with `ensure_running`)."""
+        inst = self.get(name)
+        ticket = inst.request(Kind.RESTART)
+        return await ticket.wait(inst.stop_bound_s() if timeout_s is None else timeout_s)
 
     async def apply(self, new: Config, account: Account | None) -> ReloadReport:
-        """Move from the running configuration to `new` (validated, its account resolved)."""
+        """Move from the running configuration to `new` (validated, its account resolved).
+
+        Every change is recorded at once, before any wait, so a request that comes during the
+        reload is ordered after it: a stop then wins over the reload's restart. Removed and
+        changed instances stop together; the changed ones start again (if still wanted up, or
+        autostart) only once all of those stops are done, so two servers never meet on a port.
+        """
         report = ReloadReport()
-        old, old_account = self.config, self.account
+        old_account = self.account
         self.config, self.account = new, account
         gone = [self._instances.pop(n) for n in list(self._instances) if n not in new.instances]
         report.removed = sorted(i.name for i in gone)
-        changed: list[tuple[Instance, InstanceConfig]] = []
+        settled = asyncio.Event()
+        tickets: list[tuple[Instance, Ticket]] = []
+        for inst in gone:
+            self._closing.add(inst)
+            tickets.append((inst, inst.request(Kind.CLOSE)))
         for name, conf in new.instances.items():
-            inst = self._instances.get(name)
-            if inst is None:
+            if name not in self._instances:
                 report.added.append(name)
-            elif _launch_key(conf, new, account) != _launch_key(inst.config, old, old_account):
-                changed.append((inst, conf))
+                continue
+            inst = self._instances[name]
+            was, was_daemon, _ = inst.planned()
+            if (_launch_key(conf, new.daemon, account)
+                    != _launch_key(was, was_daemon, old_account)):
+                tickets.append((inst, inst.reconfigure(conf, new.daemon, account, settled)))
+                if conf.autostart:
+                    inst.request(Kind.START)
                 report.restarted.append(name)
             else:
-                inst.config = conf  # equal launch; keep the new object for its source path
+                inst.update(conf, new.daemon)  # equal launch; new source path, daemon settings
                 report.unchanged.append(name)
-        # Removed and changed instances stop together; then the new set starts. A changed
-        # instance comes back up if it was wanted up, or if it now autostarts.
-        wanted = {inst.name: inst.wanted for inst, _ in changed}
-        await asyncio.gather(*(i.close() for i in gone), *(i.close() for i, _ in changed))
-        for inst, conf in changed:
-            again = self._add(conf)
-            if wanted[inst.name] or conf.autostart:
-                again.request_start()
         for name in report.added:
             conf = new.instances[name]
             fresh = self._add(conf)
             if conf.autostart:
-                fresh.request_start()
+                fresh.request(Kind.START)
+        await asyncio.gather(*(t.wait(i.stop_bound_s()) for i, t in tickets))
+        settled.set()
         log.info("config_reloaded added=%s removed=%s restarted=%s unchanged=%d",
                  report.added, report.removed, report.restarted, len(report.unchanged))
         self._changed(None)
@@ -177,6 +213,10 @@ class Supervisor:
             [self.get(name)] if name is not None else (self._instances[n] for n in self.names())
         )
         return [status_of(i, self._vram_held(i)) for i in chosen]
+
+    def describe(self, inst: Instance) -> InstanceStatus:
+        """`inst`'s status, also after a reload removed it."""
+        return status_of(inst, self._vram_held(inst))
 
     def summary(self) -> str:
         """One line for systemd's STATUS=, e.g. `2/3 running; qwen3-vl-32b starting 41s`."""
@@ -206,7 +246,7 @@ class Supervisor:
             return held
         pid, logged = self._logged_vram.get(inst.name, (None, {}))
         if pid != inst.pid and inst.state in (State.RUNNING, State.UNHEALTHY):
-            logged = parse_buffers(inst.lines).per_gpu(inst.config.gpus)
+            logged = parse_buffers(short(tuple(inst.lines))).per_gpu(inst.config.gpus)
             self._logged_vram[inst.name] = (inst.pid, logged)
             pid = inst.pid
         return logged if pid == inst.pid else {}
@@ -216,11 +256,10 @@ class Supervisor:
         self.events.publish({"event": "line", "name": inst.name, "line": line})
 
 
-def _launch_key(conf: InstanceConfig, config: Config,
+def _launch_key(conf: InstanceConfig, daemon: DaemonConfig,
                 account: Account | None) -> tuple[object, ...]:
     """Everything that decides how an instance is launched; `source` does not."""
-    return (conf.model_copy(update={"source": None}), conf.argv(config.daemon), account,
-            config.daemon.log_lines)
+    return (conf.model_copy(update={"source": None}), conf.argv(daemon), account)
 
 
 def status_of(inst: Instance, vram: dict[int, int]) -> InstanceStatus:

@@ -1,0 +1,246 @@
+"""Pieces of one attempt of an instance's owner loop: the hooks into the host checks, preflight
+under a deadline that a stop can cut short, the health watch, and bounded calls of host code.
+
+Everything here runs for exactly one instance, inside its own loop (`engine.instance`); nothing
+here is shared between instances, so nothing here can stall another one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+from mi50d.config import DaemonConfig, InstanceConfig
+from mi50d.engine.health import probe
+from mi50d.engine.states import Outcome, State
+from mi50d.host.accounts import Account
+
+log = logging.getLogger("mi50d.engine.run")
+
+PREFLIGHT_TIMEOUT_S = 30.0  # file checks as the service account, mounts, VRAM estimate
+DIAGNOSE_LINE_CHARS = 1024  # host code reads lines cut to this: llama-server's are shorter
+FIRST_PROBE_S = 0.01
+MAX_START_PROBE_GAP_S = 0.25
+
+T = TypeVar("T")
+# A job for a worker thread: None when every check passed, else one line: cause and fix.
+Job = Callable[[], str | None]
+# A reading of the last output lines after a failure: (one-line diagnosis, fatal) or None.
+Diagnose = Callable[[Sequence[str]], tuple[str, bool] | None]
+Degraded = Callable[[Sequence[str]], str | None]
+
+
+@dataclass(frozen=True)
+class Ended:
+    """How one run ended (None from an attempt means: a request interrupted it)."""
+
+    outcome: Outcome
+    detail: str
+    healthy_for_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """What the engine asks of the host checks, built per attempt from the configuration then in
+    place (so a reload that changes only daemon settings applies to the next start)."""
+
+    preflight: Callable[[InstanceConfig, DaemonConfig, Account | None], Job] | None = None
+    diagnose: Callable[[InstanceConfig], Diagnose] | None = None
+    degraded: Callable[[InstanceConfig], Degraded] | None = None
+
+    def preflight_job(self, config: InstanceConfig, daemon: DaemonConfig,
+                      account: Account | None) -> Job | None:
+        if self.preflight is None or not daemon.preflight:
+            return None
+        return self.preflight(config, daemon, account)
+
+    def diagnose_of(self, config: InstanceConfig) -> Diagnose | None:
+        return None if self.diagnose is None else self.diagnose(config)
+
+    def degraded_of(self, config: InstanceConfig) -> Degraded | None:
+        return None if self.degraded is None else self.degraded(config)
+
+
+class Watched(Protocol):
+    """What the health watch needs of its instance (`engine.instance.Instance`)."""
+
+    config: InstanceConfig
+    hooks: Hooks
+    state: State
+    reason: str
+    diagnosis: str | None
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def lines(self) -> Iterable[str]: ...
+
+    def set_state(self, new: State, reason: str) -> None: ...
+
+    def mark_ready(self, path: str) -> None: ...
+
+    def line_event(self) -> asyncio.Event: ...
+
+
+@dataclass
+class Preflight:
+    """Runs one instance's preflight jobs, each in a thread of its own, under a deadline.
+
+    A job cannot be cancelled (a FIFO as the model blocks `open` for good), so one that outlives
+    its deadline, or a stop, is left to finish on its own and its result is ignored; while it
+    lives, the instance's next preflight fails at once instead of piling up threads.
+    """
+
+    name: str
+    timeout_s: float = PREFLIGHT_TIMEOUT_S
+    _stuck: threading.Thread | None = field(default=None, repr=False)
+
+    async def run(self, job: Job, interrupt: asyncio.Event) -> str | None:
+        """The job's answer; or a line saying it did not finish; or None when `interrupt` was
+        set first (the caller checks that)."""
+        if self._stuck is not None and self._stuck.is_alive():
+            return ("the previous preflight is still blocked (a file that blocks on open, such "
+                    "as a FIFO, or a hung mount?); fix that, then start again")
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[str | None] = loop.create_future()
+
+        def work() -> None:
+            try:
+                value = job()
+            except Exception as exc:  # a check's bug or an input it did not expect
+                log.exception("preflight_crashed instance=%s", self.name)
+                value = f"a preflight check crashed ({one_line(exc)}); see the journal"
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
+                loop.call_soon_threadsafe(_settle, answer, value)
+
+        thread = threading.Thread(target=work, name=f"preflight:{self.name}", daemon=True)
+        thread.start()
+        stopped: asyncio.Future[Any] = asyncio.ensure_future(interrupt.wait())
+        try:
+            await asyncio.wait({answer, stopped}, timeout=self.timeout_s,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            await asyncio.gather(stopped, return_exceptions=True)
+        if answer.done():
+            return answer.result()
+        answer.cancel()
+        self._stuck = thread
+        if interrupt.is_set():
+            return None
+        return (f"preflight did not finish within {self.timeout_s:g}s (a file that blocks on "
+                "open, such as a FIFO, or a hung mount?)")
+
+
+def _settle(future: asyncio.Future[T], value: T) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0][:200] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def short(lines: Sequence[str]) -> tuple[str, ...]:
+    """Lines as host code reads them: each cut to DIAGNOSE_LINE_CHARS."""
+    return tuple(line[:DIAGNOSE_LINE_CHARS] for line in lines)
+
+
+async def bounded(fn: Callable[[tuple[str, ...]], T], lines: Sequence[str],
+                  timeout_s: float) -> T | None:
+    """`fn(short(lines))` in a worker thread: None if it raises or outlasts `timeout_s`."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await asyncio.to_thread(fn, short(lines))
+    except TimeoutError:
+        log.warning("host_reading_timed_out fn=%s timeout_s=%g", getattr(fn, "__name__", fn),
+                    timeout_s)
+    except Exception:
+        log.exception("host_reading_failed")
+    return None
+
+
+async def first_of(*waits: Awaitable[Any]) -> None:
+    """Wait until one of `waits` completes; cancel the others."""
+    tasks: list[asyncio.Future[Any]] = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def probe_address(config: InstanceConfig) -> tuple[str, int]:
+    host = config.host
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return host, config.port
+
+
+async def health_watch(inst: Watched) -> tuple[Outcome, str]:
+    """Wait for the first 200, then watch; return only on a hang or a start timeout."""
+    cfg = inst.config.health
+    try:
+        async with asyncio.timeout(cfg.start_timeout_s):
+            await _until_ready(inst)
+    except TimeoutError:
+        return Outcome.START_FAILED, f"not ready within start_timeout_s={cfg.start_timeout_s:g}"
+    degraded = inst.hooks.degraded_of(inst.config)
+    if degraded is not None:
+        inst.diagnosis = await bounded(degraded, tuple(inst.lines), 5.0)
+    inst.mark_ready(cfg.path)
+    failures = 0
+    host, port = probe_address(inst.config)
+    # Probes keep a fixed schedule (a slow, timed-out probe does not push the next one back),
+    # so a hang is caught within interval_s * failures + timeout_s.
+    clock = asyncio.get_running_loop().time
+    due = clock()
+    while True:
+        due = max(due + cfg.interval_s, clock())
+        await asyncio.sleep(due - clock())
+        result = await probe(host, port, cfg.path, cfg.timeout_s)
+        if result.ok:
+            if failures:
+                log.info("health_recovered instance=%s", inst.name)
+            failures = 0
+            if inst.state is State.UNHEALTHY:
+                inst.set_state(State.RUNNING, f"{cfg.path} answers 200 again")
+            continue
+        failures += 1
+        log.warning("health_failed instance=%s failures=%d/%d detail=%s", inst.name,
+                    failures, cfg.failures, result.detail)
+        if failures >= cfg.failures:
+            return Outcome.HANG, (f"hang: {failures} health probes failed in a row "
+                                  f"(last: {result.detail})")
+        if inst.state is State.RUNNING:
+            inst.set_state(State.UNHEALTHY, f"health probe failed: {result.detail}")
+
+
+async def _until_ready(inst: Watched) -> None:
+    """Probe until 200: right after each output line (llama-server logs when it is ready), else
+    with gaps growing from 10 ms to 250 ms, so readiness is seen within one probe."""
+    host, port = probe_address(inst.config)
+    cfg = inst.config.health
+    line = inst.line_event()
+    gap = FIRST_PROBE_S
+    while True:
+        line.clear()
+        result = await probe(host, port, cfg.path, cfg.timeout_s)
+        if result.ok:
+            return
+        if result.status is not None:
+            inst.reason = f"loading ({result.detail})"
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(gap):
+                await line.wait()
+        gap = min(gap * 1.5, MAX_START_PROBE_GAP_S)
