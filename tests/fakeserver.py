@@ -9,6 +9,11 @@ FAKE_FAIL_LOAD     print this line and exit 1 at the end of loading
 FAKE_EXIT_AFTER_S  seconds after ready to exit with FAKE_EXIT_CODE (default 1)
 FAKE_HANG_AFTER_S  seconds after ready to stop answering (connections accepted, never answered)
 FAKE_IGNORE_TERM   "1": ignore SIGTERM
+FAKE_GRANDCHILD    "1": fork a child first that ignores SIGTERM, keeps the listening socket and
+                   outlives this process (it prints "fake llama-server: grandchild pid N")
+FAKE_HUGE_STATUS   once ready, answer with a status line this many bytes long (no newline soon)
+FAKE_STALL_AFTER_S seconds after ready to answer "200 OK" headers and then never the body
+FAKE_JUNK_BYTES    print this many bytes without a newline first (then a newline)
 """
 
 from __future__ import annotations
@@ -38,12 +43,37 @@ def _answer(conn: socket.socket, status: str, body: str) -> None:
         conn.close()
 
 
+def _grandchild() -> None:
+    """Fork a process of our group that ignores SIGTERM and lives on (holding our port)."""
+    pid = os.fork()
+    if pid == 0:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        while True:
+            signal.pause()
+    print(f"fake llama-server: grandchild pid {pid}", flush=True)
+
+
+def _stall(conn: socket.socket, held: list[socket.socket]) -> None:
+    """Headers of a 200 with a body that never comes."""
+    try:
+        conn.recv(4096)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 15\r\nConnection: close\r\n\r\n")
+    except OSError:
+        pass
+    held.append(conn)
+
+
 def main() -> None:
     env = os.environ
     if env.get("FAKE_IGNORE_TERM") == "1":
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if "FAKE_JUNK_BYTES" in env:
+        sys.stdout.write("j" * int(env["FAKE_JUNK_BYTES"]) + "\n")
+        sys.stdout.flush()
     host, port = _arg("--host", "127.0.0.1"), int(_arg("--port", "8080"))
     srv = socket.create_server((host, port))
+    if env.get("FAKE_GRANDCHILD") == "1":
+        _grandchild()
     start = time.monotonic()
     load_s = float(env.get("FAKE_LOAD_S", "0"))
     print(f"fake llama-server: listening on {host}:{port}, loading for {load_s}s", flush=True)
@@ -74,7 +104,12 @@ def main() -> None:
         if hung.is_set():
             held.append(conn)  # never answered, like a wedged server
             continue
-        if ready_at:
+        stall_s = env.get("FAKE_STALL_AFTER_S")
+        if ready_at and stall_s is not None and time.monotonic() - ready_at[0] >= float(stall_s):
+            _stall(conn, held)
+        elif ready_at and "FAKE_HUGE_STATUS" in env:
+            _answer(conn, "200 " + "x" * int(env["FAKE_HUGE_STATUS"]), "")
+        elif ready_at:
             _answer(conn, "200 OK", '{"status":"ok"}')
         else:
             elapsed = time.monotonic() - start

@@ -101,7 +101,14 @@ class Recorder:
 @contextlib.asynccontextmanager
 async def supervising(directory: Path) -> AsyncIterator[tuple[Supervisor, Recorder]]:
     """A real Supervisor on `directory`, in its own TaskGroup, shut down on exit."""
-    config: Config = load_config(directory)
+    async with supervising_config(load_config(directory)) as pair:
+        yield pair
+
+
+@contextlib.asynccontextmanager
+async def supervising_config(config: Config) -> AsyncIterator[tuple[Supervisor, Recorder]]:
+    """A real Supervisor on `config` (which may have been altered past validation, to inject a
+    fault), in its own TaskGroup, shut down on exit."""
     sup = Supervisor(config, account_for(config))
     rec = Recorder(sup)
     try:

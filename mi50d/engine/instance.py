@@ -60,6 +60,7 @@ class Instance:
         on_change: Callable[[Instance], None],
         on_line: Callable[[Instance, str], None],
         hooks: Hooks | None = None,
+        hold: asyncio.Event | None = None,
     ) -> None:
         self.config = config
         self.daemon = daemon
@@ -82,7 +83,7 @@ class Instance:
         self._running_since: float | None = None
         self._why = _WHY[Kind.STOP]
         self._next: _NextConfig | None = None
-        self._hold: asyncio.Event | None = None
+        self._hold = hold  # a start waits for this (a reload's stops) while it is not set
         self._wake = asyncio.Event()  # a request arrived (the idle loop waits on it)
         self._interrupt = asyncio.Event()  # the current attempt or backoff must end
         self._hurry = asyncio.Event()  # stop without waiting out stop.timeout_s
@@ -272,8 +273,8 @@ class Instance:
         self.pending.resolve({Kind.START, Kind.RESTART}, Verdict.FAILED, self.state, reason)
 
     def _internal_error(self, exc: Exception) -> None:
-        log.exception("instance_internal_error instance=%s", self.name)
-        cause = f"internal error in mi50d ({one_line(exc)})"
+        log.exception("instance_unexpected_error instance=%s", self.name)
+        cause = f"unexpected error in mi50d ({one_line(exc)})"
         self.pid = None
         self._running_since = None
         self.diagnosis = cause

@@ -58,6 +58,19 @@ def _child_setup(account: Account | None, parent: int) -> Callable[[], None]:
     return setup
 
 
+def unspawnable(spec: SpawnSpec) -> str | None:
+    """Why exec cannot carry `spec` unchanged (asyncio raises, uvloop silently cuts), or None."""
+    for i, arg in enumerate(spec.argv):
+        if "\0" in arg:
+            return f"argument {i} ({arg.split(chr(0))[0][:40]!r}...) contains an embedded null byte"
+    for key, value in spec.env.items():
+        if not key or "=" in key or "\0" in key:
+            return f"environment variable name {key[:40]!r} is empty or contains '=' or NUL"
+        if "\0" in value:
+            return f"environment variable {key[:40]} contains an embedded null byte"
+    return None
+
+
 def describe_status(returncode: int) -> str:
     if returncode < 0:
         try:
@@ -128,8 +141,12 @@ class Child:
 
 def group_members(pgid: int, leader: int | None = None) -> list[int]:
     """Pids in process group `pgid` (but `leader`), read from /proc: a worker thread's job."""
-    found = []
-    for entry in os.scandir("/proc"):
+    found: list[int] = []
+    try:
+        entries = list(os.scandir("/proc"))
+    except OSError:
+        return found
+    for entry in entries:
         if not entry.name.isdigit() or int(entry.name) == leader:
             continue
         try:
@@ -197,7 +214,11 @@ def _settle(future: asyncio.Future[None]) -> None:
 async def spawn(spec: SpawnSpec, stop_timeout_s: float = 10.0,
                 hurry: asyncio.Event | None = None) -> AsyncIterator[Child]:
     """Start `spec.argv`; on leaving, make sure every process of its group is gone and the
-    leader reaped (`hurry` set: without waiting out the stop timeout)."""
+    leader reaped (`hurry` set: without waiting out the stop timeout). Raises ValueError for
+    a command line or environment that exec cannot carry (both event loops alike)."""
+    problem = unspawnable(spec)
+    if problem is not None:
+        raise ValueError(problem)
     proc = await asyncio.create_subprocess_exec(
         *spec.argv,
         stdin=asyncio.subprocess.DEVNULL,

@@ -90,24 +90,27 @@ class Watched(Protocol):
 
 @dataclass
 class Preflight:
-    """Runs one instance's preflight jobs, each in a thread of its own, under a deadline.
+    """Runs one instance's preflight jobs in a thread each, under a deadline that a stop cuts
+    short.
 
-    A job cannot be cancelled (a FIFO as the model blocks `open` for good), so one that outlives
-    its deadline, or a stop, is left to finish on its own and its result is ignored; while it
-    lives, the instance's next preflight fails at once instead of piling up threads.
+    A job cannot be cancelled (a FIFO as the model blocks `open` for good), so one cut short is
+    left to finish on its own and its answer is ignored. The next attempt first waits (within its
+    own deadline) for that one to end, so an instance never has more than one preflight thread.
     """
 
     name: str
     timeout_s: float = PREFLIGHT_TIMEOUT_S
-    _stuck: threading.Thread | None = field(default=None, repr=False)
+    _last: asyncio.Future[str | None] | None = field(default=None, repr=False)
 
     async def run(self, job: Job, interrupt: asyncio.Event) -> str | None:
         """The job's answer; or a line saying it did not finish; or None when `interrupt` was
         set first (the caller checks that)."""
-        if self._stuck is not None and self._stuck.is_alive():
-            return ("the previous preflight is still blocked (a file that blocks on open, such "
-                    "as a FIFO, or a hung mount?); fix that, then start again")
         loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        if self._last is not None and not self._last.done():
+            await _within(self._last, interrupt, deadline)
+            if not self._last.done():
+                return None if interrupt.is_set() else self._blocked()
         answer: asyncio.Future[str | None] = loop.create_future()
 
         def work() -> None:
@@ -119,23 +122,28 @@ class Preflight:
             with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
                 loop.call_soon_threadsafe(_settle, answer, value)
 
-        thread = threading.Thread(target=work, name=f"preflight:{self.name}", daemon=True)
-        thread.start()
-        stopped: asyncio.Future[Any] = asyncio.ensure_future(interrupt.wait())
-        try:
-            await asyncio.wait({answer, stopped}, timeout=self.timeout_s,
-                               return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopped.cancel()
-            await asyncio.gather(stopped, return_exceptions=True)
+        self._last = answer
+        threading.Thread(target=work, name=f"preflight:{self.name}", daemon=True).start()
+        await _within(answer, interrupt, deadline)
         if answer.done():
             return answer.result()
-        answer.cancel()
-        self._stuck = thread
-        if interrupt.is_set():
-            return None
+        return None if interrupt.is_set() else self._blocked()
+
+    def _blocked(self) -> str:
         return (f"preflight did not finish within {self.timeout_s:g}s (a file that blocks on "
                 "open, such as a FIFO, or a hung mount?)")
+
+
+async def _within(future: asyncio.Future[Any], interrupt: asyncio.Event, deadline: float) -> None:
+    """Wait for `future` until `interrupt` is set or `deadline` (loop time); never cancels it."""
+    stopped: asyncio.Future[Any] = asyncio.ensure_future(interrupt.wait())
+    try:
+        timeout = max(deadline - asyncio.get_running_loop().time(), 0.0)
+        await asyncio.wait({future, stopped}, timeout=timeout,
+                           return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        await asyncio.gather(stopped, return_exceptions=True)
 
 
 def _settle(future: asyncio.Future[T], value: T) -> None:

@@ -78,7 +78,7 @@ class Supervisor:
         for inst in (*self._instances.values(), *self._closing):
             inst.hurry()
 
-    def _add(self, config: InstanceConfig) -> Instance:
+    def _add(self, config: InstanceConfig, hold: asyncio.Event | None = None) -> Instance:
         assert self._tg is not None, "launch() first"
 
         def preflight(conf: InstanceConfig, daemon: DaemonConfig,
@@ -93,6 +93,7 @@ class Supervisor:
             on_line=self._line,
             hooks=Hooks(preflight=preflight, diagnose=diagnose_failure,
                         degraded=degraded_reason),
+            hold=hold,
         )
         self._instances[config.name] = inst
         self._tg.create_task(self._guarded(inst), name=f"instance:{config.name}")
@@ -187,11 +188,13 @@ class Supervisor:
                 report.unchanged.append(name)
         for name in report.added:
             conf = new.instances[name]
-            fresh = self._add(conf)
+            fresh = self._add(conf, hold=settled)  # a removed one may still hold its port
             if conf.autostart:
                 fresh.request(Kind.START)
-        await asyncio.gather(*(t.wait(i.stop_bound_s()) for i, t in tickets))
-        settled.set()
+        try:
+            await asyncio.gather(*(t.wait(i.stop_bound_s()) for i, t in tickets))
+        finally:
+            settled.set()
         log.info("config_reloaded added=%s removed=%s restarted=%s unchanged=%d",
                  report.added, report.removed, report.restarted, len(report.unchanged))
         self._changed(None)
