@@ -84,8 +84,10 @@ def describe_status(returncode: int) -> str:
 class Child:
     """A running child: its pid, its exit, its process group, its output."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, on_line: Callable[[str], None] | None):
+    def __init__(self, proc: asyncio.subprocess.Process, exited: asyncio.Event,
+                 on_line: Callable[[str], None] | None):
         self._proc = proc
+        self._exited = exited
         self._on_line = on_line
         self.pid = proc.pid  # also the process group's id (a session of its own)
         self.returncode: int | None = None
@@ -106,8 +108,13 @@ class Child:
                 self._on_line(cut(raw))
 
     async def wait(self) -> int:
-        self.returncode = await self._proc.wait()
-        return self.returncode
+        """The leader's exit status, as soon as it is reaped. Not `Process.wait()`: that also
+        waits for the output pipe to close, which a child the leader left behind holds open."""
+        await self._exited.wait()
+        code = self._proc.returncode
+        assert code is not None, "process_exited comes after the reap"
+        self.returncode = code
+        return code
 
     def signal_group(self, sig: int) -> None:
         """Signal every process of the group, the leader gone or not: a child it left behind
@@ -140,7 +147,8 @@ class Child:
 
 
 def group_members(pgid: int, leader: int | None = None) -> list[int]:
-    """Pids in process group `pgid` (but `leader`), read from /proc: a worker thread's job."""
+    """Living pids in process group `pgid` (but `leader`), read from /proc: a worker thread's
+    job. Zombies are left out: they hold no port, memory or GPU, and are not ours to reap."""
     found: list[int] = []
     try:
         entries = list(os.scandir("/proc"))
@@ -154,8 +162,8 @@ def group_members(pgid: int, leader: int | None = None) -> list[int]:
                 stat = f.read()
         except OSError:
             continue
-        fields = stat.rpartition(b")")[2].split()
-        if len(fields) > 2 and fields[2] == str(pgid).encode():
+        fields = stat.rpartition(b")")[2].split()  # state, ppid, pgrp, ...
+        if len(fields) > 2 and fields[2] == str(pgid).encode() and fields[0] != b"Z":
             found.append(int(entry.name))
     return found
 
@@ -219,7 +227,9 @@ async def spawn(spec: SpawnSpec, stop_timeout_s: float = 10.0,
     problem = unspawnable(spec)
     if problem is not None:
         raise ValueError(problem)
-    proc = await asyncio.create_subprocess_exec(
+    loop = asyncio.get_running_loop()
+    transport, protocol = await loop.subprocess_exec(
+        lambda: _Protocol(MAX_LINE, loop),
         *spec.argv,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
@@ -228,13 +238,28 @@ async def spawn(spec: SpawnSpec, stop_timeout_s: float = 10.0,
         cwd=spec.cwd,
         start_new_session=True,
         preexec_fn=_child_setup(spec.account, os.getpid()),
-        limit=MAX_LINE,
     )
-    child = Child(proc, spec.on_line)
+    child = Child(asyncio.subprocess.Process(transport, protocol, loop), protocol.exited,
+                  spec.on_line)
     try:
         yield child
     finally:
-        await _to_completion(child.terminate(stop_timeout_s, hurry))
+        try:
+            await _to_completion(child.terminate(stop_timeout_s, hurry))
+        finally:
+            transport.close()  # our end of the pipe, even if an escaped process holds the other
+
+
+class _Protocol(asyncio.subprocess.SubprocessStreamProtocol):
+    """asyncio's own protocol, plus an event set when the leader has exited and been reaped."""
+
+    def __init__(self, limit: int, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(limit=limit, loop=loop)
+        self.exited = asyncio.Event()
+
+    def process_exited(self) -> None:
+        super().process_exited()
+        self.exited.set()
 
 
 async def _to_completion(coro: Coroutine[Any, Any, int]) -> None:
