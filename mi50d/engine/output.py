@@ -15,12 +15,11 @@ MAX_LINE_BYTES = 16 * 1024
 MAX_KEPT_BYTES = 4 * 1024 * 1024
 
 
-def cut(raw: bytes, limit: int = MAX_LINE_BYTES) -> str:
-    """One output line as text, at most `limit` bytes of it (plus a note of what was cut)."""
-    raw = raw.rstrip(b"\r\n")
-    if len(raw) <= limit:
-        return raw.decode("utf-8", "replace")
-    return raw[:limit].decode("utf-8", "ignore") + f" [mi50d: {len(raw) - limit} bytes cut]"
+def cut(raw: bytes, skipped: int = 0) -> str:
+    """One output line as text: its first bytes (`raw`, at most MAX_LINE_BYTES) and a note of
+    the `skipped` bytes after them that were not kept."""
+    text = raw.rstrip(b"\r").decode("utf-8", "replace")
+    return f"{text} [mi50d: {skipped} bytes cut]" if skipped else text
 
 
 class Lines:

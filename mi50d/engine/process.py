@@ -23,11 +23,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mappi
 from dataclasses import dataclass, field
 from typing import Any
 
-from mi50d.engine.output import cut
+from mi50d.engine.output import MAX_LINE_BYTES, cut
 from mi50d.host.accounts import Account
 
 PR_SET_PDEATHSIG = 1
-MAX_LINE = 1 << 20
+READ_BYTES = 64 * 1024
 GONE_S = 5.0  # after SIGKILL, how long to wait for the group's other processes to end
 
 
@@ -93,19 +93,32 @@ class Child:
         self.returncode: int | None = None
 
     async def pump_output(self) -> None:
-        """Forward output lines (each cut to MAX_LINE_BYTES) until EOF: the child and every holder
-        of its stdout ended."""
+        """Forward output lines until EOF (the child and every holder of its stdout ended).
+        Memory stays bounded whatever comes: each line keeps its first MAX_LINE_BYTES, and the
+        rest of it is counted, not stored."""
         stream = self._proc.stdout
         assert stream is not None
+        head = bytearray()
+        skipped = 0
         while True:
-            try:
-                raw = await stream.readline()
-            except ValueError:  # a line longer than MAX_LINE: take what is buffered
-                raw = await stream.read(MAX_LINE)
-            if not raw:
+            chunk = await stream.read(READ_BYTES)
+            if not chunk:
+                if head or skipped:
+                    self._emit(bytes(head), skipped)
                 return
-            if self._on_line is not None:
-                self._on_line(cut(raw))
+            *ended, rest = chunk.split(b"\n")
+            for part in ended:
+                room = MAX_LINE_BYTES - len(head)
+                self._emit(bytes(head) + part[:max(room, 0)], skipped + max(len(part) - room, 0))
+                head.clear()
+                skipped = 0
+            room = MAX_LINE_BYTES - len(head)
+            head += rest[:max(room, 0)]
+            skipped += max(len(rest) - room, 0)
+
+    def _emit(self, raw: bytes, skipped: int) -> None:
+        if self._on_line is not None:
+            self._on_line(cut(raw, skipped))
 
     async def wait(self) -> int:
         """The leader's exit status, as soon as it is reaped. Not `Process.wait()`: that also
@@ -229,7 +242,7 @@ async def spawn(spec: SpawnSpec, stop_timeout_s: float = 10.0,
         raise ValueError(problem)
     loop = asyncio.get_running_loop()
     transport, protocol = await loop.subprocess_exec(
-        lambda: _Protocol(MAX_LINE, loop),
+        lambda: _Protocol(READ_BYTES, loop),
         *spec.argv,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
