@@ -62,6 +62,16 @@ SUPERSEDES: dict[Kind, frozenset[Kind]] = {
 }
 
 
+# The reason of the STOPPING/STOPPED that a request's interrupt causes.
+INTERRUPTED_BY: dict[Kind, str] = {
+    Kind.START: "started on request",  # a start never interrupts; here for completeness
+    Kind.STOP: "stopped on request",
+    Kind.RESTART: "restarting on request",
+    Kind.RECONFIGURE: "restarting with the changed configuration (reload)",
+    Kind.CLOSE: "stopped: removed by a reload or the daemon is stopping",
+}
+
+
 class Verdict(StrEnum):
     REACHED = "reached"  # the state asked for was reached
     FAILED = "failed"  # the instance gave up (failed, or ended and the policy left it down)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from mi50d.config import DaemonConfig, InstanceConfig
 from mi50d.engine import policy
-from mi50d.engine.desired import Goal, Kind, Pending, Ticket, Verdict
+from mi50d.engine.desired import INTERRUPTED_BY, Goal, Kind, Pending, Ticket, Verdict
 from mi50d.engine.output import Lines
 from mi50d.engine.process import GONE_S, Child, SpawnSpec, describe_status, spawn
 from mi50d.engine.run import Ended, Hooks, Preflight, bounded, first_of, health_watch, one_line
@@ -33,15 +33,6 @@ log = logging.getLogger("mi50d.engine.instance")
 
 KEEP_LINES_ON_FAILURE = 20
 DIAGNOSE_TIMEOUT_S = 5.0
-
-# Why a request interrupted the current attempt: the reason of the STOPPING/STOPPED it causes.
-_WHY = {
-    Kind.STOP: "stopped on request",
-    Kind.RESTART: "restarting on request",
-    Kind.RECONFIGURE: "restarting with the changed configuration (reload)",
-    Kind.CLOSE: "stopped: removed by a reload or the daemon is stopping",
-}
-
 
 @dataclass(frozen=True)
 class _NextConfig:
@@ -81,7 +72,7 @@ class Instance:
         self.goal = Goal.DOWN
         self.pending = Pending()
         self._running_since: float | None = None
-        self._why = _WHY[Kind.STOP]
+        self._why = INTERRUPTED_BY[Kind.STOP]
         self._next: _NextConfig | None = None
         self._hold = hold  # a start waits for this (a reload's stops) while it is not set
         self._wake = asyncio.Event()  # a request arrived (the idle loop waits on it)
@@ -179,7 +170,7 @@ class Instance:
         return self.config.stop.timeout_s + 2 * GONE_S + 5.0
 
     def _interrupt_for(self, kind: Kind) -> None:
-        self._why = _WHY[kind]
+        self._why = INTERRUPTED_BY[kind]
         self._interrupt.set()
 
     def _now(self) -> tuple[State, str]:
