@@ -25,14 +25,22 @@ from mi50d.engine import policy
 from mi50d.engine.desired import INTERRUPTED_BY, Goal, Kind, Pending, Ticket, Verdict
 from mi50d.engine.output import Lines
 from mi50d.engine.process import GONE_S, Child, SpawnSpec, describe_status, spawn
-from mi50d.engine.run import Ended, Hooks, Preflight, bounded, first_of, health_watch, one_line
+from mi50d.engine.run import (
+    READ_LINES_TIMEOUT_S,
+    Ended,
+    Hooks,
+    Preflight,
+    bounded,
+    first_of,
+    health_watch,
+    one_line,
+)
 from mi50d.engine.states import ALIVE, Outcome, State, check_transition
 from mi50d.host.accounts import Account
 
 log = logging.getLogger("mi50d.engine.instance")
 
 KEEP_LINES_ON_FAILURE = 20
-DIAGNOSE_TIMEOUT_S = 5.0
 
 @dataclass(frozen=True)
 class _NextConfig:
@@ -67,6 +75,7 @@ class Instance:
         self.last_exit: str | None = None
         self.diagnosis: str | None = None
         self.last_lines: tuple[str, ...] = ()
+        self.logged_vram: dict[int, int] = {}  # buffer sizes it logged while loading, per GPU
         self.lines = Lines(daemon.log_lines)
         self.history = policy.History()
         self.goal = Goal.DOWN
@@ -291,6 +300,7 @@ class Instance:
             on_line=self._take_line,
         )
         self.diagnosis = None
+        self.logged_vram = {}
         try:
             async with contextlib.AsyncExitStack() as stack:
                 try:
@@ -352,7 +362,7 @@ class Instance:
         self.last_lines = tuple(self.lines.tail(KEEP_LINES_ON_FAILURE))
         diagnose = self.hooks.diagnose_of(self.config)
         if diagnose is not None:
-            found = await bounded(diagnose, self.last_lines, DIAGNOSE_TIMEOUT_S)
+            found = await bounded(diagnose, self.last_lines, READ_LINES_TIMEOUT_S)
             if found is not None:
                 self.diagnosis, fatal = found
                 detail = f"{detail}: {self.diagnosis}"

@@ -24,6 +24,7 @@ log = logging.getLogger("mi50d.engine.run")
 
 PREFLIGHT_TIMEOUT_S = 30.0  # file checks as the service account, mounts, VRAM estimate
 DIAGNOSE_LINE_CHARS = 1024  # host code reads lines cut to this: llama-server's are shorter
+READ_LINES_TIMEOUT_S = 5.0  # a diagnosis or buffer reading that takes longer is dropped
 FIRST_PROBE_S = 0.01
 MAX_START_PROBE_GAP_S = 0.25
 
@@ -52,6 +53,7 @@ class Hooks:
     preflight: Callable[[InstanceConfig, DaemonConfig, Account | None], Job] | None = None
     diagnose: Callable[[InstanceConfig], Diagnose] | None = None
     degraded: Callable[[InstanceConfig], Degraded] | None = None
+    buffers: Callable[[InstanceConfig], Callable[[Sequence[str]], dict[int, int]]] | None = None
 
     def preflight_job(self, config: InstanceConfig, daemon: DaemonConfig,
                       account: Account | None) -> Job | None:
@@ -65,6 +67,9 @@ class Hooks:
     def degraded_of(self, config: InstanceConfig) -> Degraded | None:
         return None if self.degraded is None else self.degraded(config)
 
+    def buffers_of(self, config: InstanceConfig) -> Callable[[Sequence[str]], dict[int, int]] | None:
+        return None if self.buffers is None else self.buffers(config)
+
 
 class Watched(Protocol):
     """What the health watch needs of its instance (`engine.instance.Instance`)."""
@@ -74,6 +79,7 @@ class Watched(Protocol):
     state: State
     reason: str
     diagnosis: str | None
+    logged_vram: dict[int, int]
 
     @property
     def name(self) -> str: ...
@@ -203,9 +209,14 @@ async def health_watch(inst: Watched) -> tuple[Outcome, str]:
             await _until_ready(inst)
     except TimeoutError:
         return Outcome.START_FAILED, f"not ready within start_timeout_s={cfg.start_timeout_s:g}"
+    # What it logged while loading is read once, in a worker thread, from lines cut short.
+    lines = tuple(inst.lines)
     degraded = inst.hooks.degraded_of(inst.config)
     if degraded is not None:
-        inst.diagnosis = await bounded(degraded, tuple(inst.lines), 5.0)
+        inst.diagnosis = await bounded(degraded, lines, READ_LINES_TIMEOUT_S)
+    buffers = inst.hooks.buffers_of(inst.config)
+    if buffers is not None:
+        inst.logged_vram = await bounded(buffers, lines, READ_LINES_TIMEOUT_S) or {}
     inst.mark_ready(cfg.path)
     failures = 0
     host, port = probe_address(inst.config)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from mi50d.config import Config, DaemonConfig, InstanceConfig
@@ -19,7 +19,7 @@ from mi50d.control.protocol import InstanceStatus
 from mi50d.engine.desired import Kind, Reply, Ticket
 from mi50d.engine.events import Hub
 from mi50d.engine.instance import Instance
-from mi50d.engine.run import Hooks, short
+from mi50d.engine.run import Hooks
 from mi50d.engine.states import ALIVE, State
 from mi50d.host.accounts import Account
 from mi50d.host.gpumem import process_vram
@@ -56,7 +56,6 @@ class Supervisor:
         self._closing: set[Instance] = set()  # removed by a reload, still stopping
         self._tg: asyncio.TaskGroup | None = None
         self.on_change: list[Callable[[], None]] = []
-        self._logged_vram: dict[str, tuple[int, dict[int, int]]] = {}  # name: (pid, per GPU)
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -92,7 +91,7 @@ class Supervisor:
             on_change=self._changed,
             on_line=self._line,
             hooks=Hooks(preflight=preflight, diagnose=diagnose_failure,
-                        degraded=degraded_reason),
+                        degraded=degraded_reason, buffers=_buffers),
             hold=hold,
         )
         self._instances[config.name] = inst
@@ -241,22 +240,21 @@ class Supervisor:
 
     def _vram_held(self, inst: Instance) -> dict[int, int]:
         """What an alive instance holds per GPU: the KFD's count for its pid, else the buffer
-        sizes it logged while loading (debug verbosity only), parsed once per process."""
+        sizes it logged while loading (debug verbosity only; read once, when it became ready)."""
         if inst.state not in ALIVE or inst.pid is None:
             return {}
-        held = process_vram(inst.daemon.host.sysfs_root, inst.pid)
-        if held:
-            return held
-        pid, logged = self._logged_vram.get(inst.name, (None, {}))
-        if pid != inst.pid and inst.state in (State.RUNNING, State.UNHEALTHY):
-            logged = parse_buffers(short(tuple(inst.lines))).per_gpu(inst.config.gpus)
-            self._logged_vram[inst.name] = (inst.pid, logged)
-            pid = inst.pid
-        return logged if pid == inst.pid else {}
+        return process_vram(inst.daemon.host.sysfs_root, inst.pid) or dict(inst.logged_vram)
 
     def _line(self, inst: Instance, line: str) -> None:
         log.info("[%s] %s", inst.name, line)
         self.events.publish({"event": "line", "name": inst.name, "line": line})
+
+
+def _buffers(config: InstanceConfig) -> Callable[[Sequence[str]], dict[int, int]]:
+    def read(lines: Sequence[str]) -> dict[int, int]:
+        return parse_buffers(lines).per_gpu(config.gpus)
+
+    return read
 
 
 def _launch_key(conf: InstanceConfig, daemon: DaemonConfig,
