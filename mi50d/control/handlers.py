@@ -163,7 +163,7 @@ async def stop(daemon: DaemonView, args: StopArgs, emit: Emit) -> InstancesResul
     """
     sup = daemon.supervisor
     names = [sup.get(args.name).name] if args.name else sup.names()
-    replies = await asyncio.gather(*(sup.ensure_stopped(n) for n in names))
+    replies = await asyncio.gather(*(_known(sup.ensure_stopped, n) for n in names))
     _log_unfinished("stop", names, replies)
     return InstancesResult(instances=[s for n in names for s in _status_if_known(sup, n)])
 
@@ -175,9 +175,18 @@ async def restart(daemon: DaemonView, args: RestartArgs, emit: Emit) -> Instance
     """
     sup = daemon.supervisor
     names = [sup.get(args.name).name] if args.name else sup.names()
-    replies = await asyncio.gather(*(sup.restart(n) for n in names))
+    replies = await asyncio.gather(*(_known(sup.restart, n) for n in names))
     _log_unfinished("restart", names, replies)
     return InstancesResult(instances=[s for n in names for s in _status_if_known(sup, n)])
+
+
+async def _known(request: Callable[[str], Awaitable[Reply]], name: str) -> Reply | None:
+    """`request(name)`, or None when a reload removed `name` after the names were read (only
+    for requests on every instance: a named one reports unknown_instance before this)."""
+    try:
+        return await request(name)
+    except UnknownInstance:
+        return None
 
 
 def _status_if_known(sup: Supervisor, name: str) -> list[InstanceStatus]:
@@ -188,9 +197,9 @@ def _status_if_known(sup: Supervisor, name: str) -> list[InstanceStatus]:
         return []
 
 
-def _log_unfinished(command: str, names: list[str], replies: list[Reply]) -> None:
+def _log_unfinished(command: str, names: list[str], replies: list[Reply | None]) -> None:
     for name, reply in zip(names, replies, strict=True):
-        if not reply.ok:
+        if reply is not None and not reply.ok:
             log.info("control_request_unfinished command=%s instance=%s verdict=%s reason=%s",
                      command, name, reply.verdict, reply.reason)
 
