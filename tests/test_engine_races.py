@@ -182,3 +182,17 @@ async def test_a_start_that_times_out_keeps_the_request(tmp_path: Path) -> None:
         gate.open()
         await rec.wait("a", "running")
         assert sup.get("a").goal is Goal.UP
+
+
+async def test_a_stop_wins_over_a_start_that_came_before_it(tmp_path: Path) -> None:
+    port = free_port()
+    async with _gated(tmp_path, port, env=fake_env(FAKE_LOAD_S=300)) as (sup, rec, gate):
+        gate.open()
+        starts = [sup.start("a") for _ in range(3)]  # three clients waiting for it
+        await rec.wait("a", "starting")
+        stopped = await sup.ensure_stopped("a")
+        assert stopped.ok and stopped.state == "stopped"
+        for ticket in starts:
+            reply = await ticket.wait(BOUND_S)
+            assert reply.verdict is Verdict.SUPERSEDED and "later stop" in reply.reason
+        assert sup.get("a").goal is Goal.DOWN and sup.status("a")[0].pid is None
