@@ -1,0 +1,418 @@
+"""Installing rocBLAS's gfx906 Tensile files into a ROCm tree, and undoing it.
+
+AMD's rocBLAS stopped shipping gfx906 kernels in ROCm 6.4, and a HIP llama-server on an MI50
+then aborts at its first matrix multiply. Other rocBLAS builds still have them (Debian's
+librocblas5, AMD's 6.3/6.4.x packages). `install` copies only the files named `*gfx906*` from
+such a package (.deb, or a .tar/.tar.gz/.tar.xz) or from a directory into the library directory
+rocBLAS reads (`mi50d.host.rocm.library_dirs`), and writes a manifest there, `.mi50d-tensile.json`,
+naming each file with its SHA-256, so that `uninstall` removes exactly those and nothing else.
+
+All or nothing: the files are first extracted into a staging directory inside the library
+directory (same file system, so moving them in is a rename), conflicts are checked before
+anything moves, the manifest is written before the first file moves (a crash midway leaves a
+manifest naming everything that may be there), and any error moves back what was moved. A file
+that exists and was not installed by mi50d is never overwritten.
+"""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import fnmatch
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from mi50d.host import rocm
+
+MANIFEST = ".mi50d-tensile.json"
+STAGING_PREFIX = ".mi50d-tensile-staging-"
+TARGET = "gfx906"
+_TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2", ".tar.zst")
+_CHUNK = 1 << 20
+_GFX = re.compile(r"gfx[0-9a-f]+")
+
+
+class TensileError(Exception):
+    """Something the user can fix; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """What the files came from: the path and, for a package, its name and version."""
+
+    path: Path
+    package: str | None = None
+    version: str | None = None
+
+    def describe(self) -> str:
+        return f"{self.package} {self.version} ({self.path})" if self.package else str(self.path)
+
+
+@dataclass(frozen=True)
+class Installed:
+    library: Path
+    source: Source
+    files: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Removed:
+    library: Path
+    removed: tuple[str, ...]
+    kept: tuple[str, ...]  # changed since they were installed: left in place
+
+
+def locate(rocm_path: Path, env: Mapping[str, str]) -> tuple[rocm.Rocm, Path]:
+    """The ROCm tree at (or found from) `rocm_path` and its rocBLAS library directory: the one
+    next to its librocblas, else the layout's default. ROCBLAS_TENSILE_LIBPATH is not followed:
+    files go into the tree, where every process finds them."""
+    found = rocm.find_rocm(rocm_path, env)
+    if found is None:
+        raise TensileError(f"no ROCm at {rocm_path} (nor distribution packages in /usr, nor "
+                           "hipconfig on PATH); give --rocm-path the ROCm tree to change")
+    dirs = rocm.library_dirs(found)
+    existing = [path for path, _ in dirs if path.is_dir()]
+    return found, existing[0] if existing else dirs[0][0]
+
+
+def version_mismatch(found: rocm.Rocm, package_version: str | None) -> str | None:
+    """A warning when the package's major.minor is not the tree's: rocBLAS may not read Tensile
+    files written for another rocBLAS."""
+    if not package_version or found.version is None:
+        return None
+    numbers = re.match(r"(?:\d+:)?(\d+)\.(\d+)", package_version)
+    if numbers is None:
+        return None
+    theirs = (int(numbers.group(1)), int(numbers.group(2)))
+    if theirs == found.version.parts[:2]:
+        return None
+    return (f"the files are from rocBLAS {package_version} and this is ROCm {found.version}: "
+            "rocBLAS may refuse Tensile files of another release; prefer a package of the same "
+            "ROCm version if there is one")
+
+
+def read_manifest(library: Path) -> dict[str, Any] | None:
+    try:
+        record = json.loads((library / MANIFEST).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise TensileError(f"{library / MANIFEST}: unreadable ({exc}); remove it by hand if "
+                           "mi50d's files are gone") from None
+    if not isinstance(record, dict) or not isinstance(record.get("files"), dict):
+        raise TensileError(f"{library / MANIFEST}: not a manifest written by mi50d")
+    return record
+
+
+def install(source: Path, library: Path, target: str = TARGET) -> Installed:
+    """Copy `source`'s `*<target>*` files into `library`; raises TensileError."""
+    if not library.is_dir():
+        raise TensileError(f"{library} does not exist: rocBLAS is not installed in this tree "
+                           "(install rocBLAS first, or give --rocm-path the tree that has it)")
+    if not source.exists():
+        raise TensileError(f"{source} does not exist")
+    previous = read_manifest(library)
+    if previous is not None:
+        raise TensileError(f"{library} already has {len(previous['files'])} files mi50d "
+                           f"installed from {previous.get('source')}; run mi50ctl tensile "
+                           "uninstall first")
+    with _staging(library) as staging:
+        seen: set[str] = set()
+        origin = _extract(source, staging, target, seen)
+        names = sorted(p.name for p in staging.iterdir())
+        if not names:
+            others = f" (it has {', '.join(sorted(seen))})" if seen else ""
+            raise TensileError(f"{source} has no {target} Tensile files: nothing named "
+                               f"*{target}* in a rocblas/.../library directory{others}; use a "
+                               f"rocBLAS built for {target}, e.g. Debian's librocblas5")
+        clash = [n for n in names if (library / n).exists() or (library / n).is_symlink()]
+        if clash:
+            raise TensileError(
+                f"{library} already has {len(clash)} of these files, not installed by mi50d "
+                f"(e.g. {clash[0]}); nothing was changed. They may be all rocBLAS needs: "
+                "see mi50ctl doctor")
+        files = {n: _sha256(staging / n) for n in names}
+        manifest = {"version": 1, "target": target, "source": str(origin.path),
+                    "package": origin.package, "package_version": origin.version,
+                    "installed_at": datetime.datetime.now(datetime.UTC).isoformat(
+                        timespec="seconds"),
+                    "files": files}
+        _write_manifest(library, manifest)
+        moved: list[str] = []
+        try:
+            for name in names:
+                os.rename(staging / name, library / name)
+                moved.append(name)
+        except OSError as exc:
+            for name in moved:
+                os.rename(library / name, staging / name)
+            (library / MANIFEST).unlink()
+            raise TensileError(f"moving into {library} failed: {exc.strerror}; nothing was "
+                               "changed") from None
+    return Installed(library, origin, tuple(names))
+
+
+def uninstall(library: Path) -> Removed:
+    """Remove the files the manifest in `library` names, when unchanged, then the manifest."""
+    manifest = read_manifest(library)
+    if manifest is None:
+        raise TensileError(f"{library} has no {MANIFEST}: mi50d installed nothing there")
+    removed: list[str] = []
+    kept: list[str] = []
+    with _staging(library) as trash:
+        try:
+            for name, digest in sorted(manifest["files"].items()):
+                path = library / Path(name).name
+                if not path.is_file():
+                    continue
+                if _sha256(path) != digest:
+                    kept.append(path.name)
+                    continue
+                os.rename(path, trash / path.name)
+                removed.append(path.name)
+            (library / MANIFEST).unlink()
+        except OSError as exc:
+            for name in removed:
+                os.rename(trash / name, library / name)
+            raise TensileError(f"removing from {library} failed: {exc.strerror}; nothing was "
+                               "changed") from None
+    return Removed(library, tuple(removed), tuple(kept))
+
+
+def status(library: Path, target: str = TARGET) -> dict[str, Any]:
+    """What `library` holds for `target`, and what of it mi50d installed (and whether intact)."""
+    present = sorted(p.name for p in library.glob(f"*{target}*")) if library.is_dir() else []
+    manifest = read_manifest(library) if library.is_dir() else None
+    ours = manifest["files"] if manifest else {}
+    missing = sorted(n for n in ours if not (library / n).is_file())
+    changed = sorted(n for n in ours if (library / n).is_file() and _sha256(library / n) != ours[n])
+    return {"library": str(library), "exists": library.is_dir(), "target": target,
+            "files": len(present), "installed_by_mi50d": len(ours),
+            "source": manifest.get("source") if manifest else None,
+            "package": manifest.get("package") if manifest else None,
+            "package_version": manifest.get("package_version") if manifest else None,
+            "installed_at": manifest.get("installed_at") if manifest else None,
+            "missing": missing, "changed": changed}
+
+
+# --- staging and writing -------------------------------------------------------------------------
+
+@contextmanager
+def _staging(library: Path) -> Iterator[Path]:
+    try:
+        path = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=library))
+    except OSError as exc:
+        raise TensileError(_write_error(library, exc)) from None
+    try:
+        yield path
+    except OSError as exc:
+        raise TensileError(_write_error(library, exc) + "; nothing was changed") from None
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _write_error(library: Path, exc: OSError) -> str:
+    why = exc.strerror or str(exc)
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return f"cannot write to {library}: {why}; run it as root (sudo mi50ctl tensile ...)"
+    if exc.errno == errno.EROFS:
+        return (f"cannot write to {library}: {why}; remount it read-write, or give "
+                "--rocm-path a writable ROCm tree")
+    if exc.errno == errno.ENOSPC:
+        return f"no space left in {library}'s file system ({why}); free some and retry"
+    return f"cannot write to {library}: {why}"
+
+
+def _write_manifest(library: Path, manifest: dict[str, Any]) -> None:
+    partial = library / f"{MANIFEST}.partial"
+    with partial.open("w") as f:
+        json.dump(manifest, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(partial, library / MANIFEST)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# --- reading packages and directories -------------------------------------------------------------
+
+def _wanted(member_path: str, target: str, seen: set[str] | None = None) -> bool:
+    """A file of rocBLAS's library directory for `target`: `.../rocblas/.../library/*gfx906*`;
+    the gfx targets of the library files passed over are added to `seen`."""
+    parts = Path(member_path).parts
+    if not (len(parts) >= 2 and parts[-2] == "library" and "rocblas" in parts):
+        return False
+    if seen is not None:
+        seen.update(_GFX.findall(parts[-1]))
+    return fnmatch.fnmatchcase(parts[-1], f"*{target}*")
+
+
+def _extract(source: Path, staging: Path, target: str, seen: set[str]) -> Source:
+    if source.is_dir():
+        _from_directory(source, staging, target, seen)
+        return Source(source)
+    name = source.name
+    if name.endswith(".deb"):
+        return _from_deb(source, staging, target, seen)
+    if name.endswith(_TAR_SUFFIXES):
+        with source.open("rb") as f:
+            _from_tar(f, source, staging, target, _tar_mode(name), seen)
+        return Source(source)
+    if name.endswith(".rpm"):
+        raise TensileError(f"{source}: .rpm packages are not read; unpack it (rpm2cpio "
+                           f"{name} | cpio -idm) and pass the directory")
+    raise TensileError(f"{source}: not a .deb, a .tar(.gz/.xz/.bz2) or a directory")
+
+
+def _from_directory(source: Path, staging: Path, target: str, seen: set[str]) -> None:
+    """Files of a rocBLAS library directory anywhere below `source`, or in `source` itself."""
+    for path in sorted(source.rglob("*gfx*")):
+        direct = path.parent == source
+        if direct:
+            seen.update(_GFX.findall(path.name))
+        wanted = _wanted(str(path), target, seen) or (
+            direct and fnmatch.fnmatchcase(path.name, f"*{target}*"))
+        if not path.is_file() or not wanted:
+            continue
+        if (staging / path.name).exists():
+            raise TensileError(f"{source} has two files named {path.name}; pass the one "
+                               "rocblas/library directory you mean")
+        shutil.copyfile(path, staging / path.name)
+
+
+def _from_deb(source: Path, staging: Path, target: str, seen: set[str]) -> Source:
+    package: dict[str, str] = {}
+    found_data = False
+    with source.open("rb") as f:
+        for member, size in _ar_members(f, source):
+            if member.startswith("control.tar"):
+                package = _control(f.read(size), source)
+            elif member.startswith("data.tar"):
+                found_data = True
+                if member.endswith(".zst"):
+                    _from_dpkg_deb(source, staging, target, seen)
+                else:
+                    _from_tar(io.BufferedReader(_Bounded(f, size), _CHUNK), source, staging,
+                              target, _tar_mode(member, stream=True), seen)
+    if not found_data:
+        raise TensileError(f"{source}: a .deb without data.tar (corrupt or not a package)")
+    return Source(source, package.get("Package"), package.get("Version"))
+
+
+def _ar_members(f: IO[bytes], source: Path) -> Iterator[tuple[str, int]]:
+    """(name, size) of each member of an ar archive, `f` left at the member's data; the caller
+    may read it, the next step seeks past it."""
+    if f.read(8) != b"!<arch>\n":
+        raise TensileError(f"{source}: not a Debian package (no ar archive header): corrupt or "
+                           "not a .deb; download it again")
+    while True:
+        header = f.read(60)
+        if not header:
+            return
+        if len(header) != 60 or header[58:60] != b"`\n":
+            raise TensileError(f"{source}: truncated or corrupt ar archive; download it again")
+        try:
+            size = int(header[48:58].decode().strip())
+        except ValueError:
+            raise TensileError(f"{source}: corrupt ar member header; download it again") from None
+        start = f.tell()
+        yield header[:16].decode(errors="replace").strip().rstrip("/"), size
+        f.seek(start + size + size % 2)
+
+
+def _control(data: bytes, source: Path) -> dict[str, str]:
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
+            for member in tar:
+                if Path(member.name).name == "control" and member.isfile():
+                    text = tar.extractfile(member)
+                    assert text is not None
+                    return dict(line.split(": ", 1) for line in text.read().decode(
+                        errors="replace").splitlines() if ": " in line and line[:1] != " ")
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise TensileError(f"{source}: corrupt control archive ({exc}); download it again") from None
+    return {}
+
+
+def _tar_mode(name: str, stream: bool = False) -> str:
+    sep = "|" if stream else ":"
+    for suffix, kind in ((".gz", "gz"), (".tgz", "gz"), (".xz", "xz"), (".txz", "xz"),
+                         (".bz2", "bz2")):
+        if name.endswith(suffix):
+            return f"r{sep}{kind}"
+    if name.endswith(".zst"):
+        raise TensileError(f"{name}: zstd-compressed tar archives are not read; unpack it "
+                           "(tar --zstd -xf) and pass the directory")
+    return f"r{sep}"
+
+
+def _from_tar(f: IO[bytes], source: Path, staging: Path, target: str, mode: str,
+              seen: set[str]) -> None:
+    """Stream through a tar archive, writing the wanted regular files into `staging`."""
+    try:
+        with tarfile.open(fileobj=f, mode=mode) as tar:  # type: ignore[call-overload]
+            for member in tar:
+                if not (member.isfile() and _wanted(member.name, target, seen)):
+                    continue
+                data = tar.extractfile(member)
+                assert data is not None
+                with (staging / Path(member.name).name).open("wb") as out:
+                    shutil.copyfileobj(data, out, _CHUNK)
+    except (tarfile.TarError, EOFError, ValueError) as exc:
+        raise TensileError(f"{source}: corrupt or truncated archive ({exc}); download it "
+                           "again; nothing was changed") from None
+    except OSError as exc:
+        if exc.errno is None:  # lzma/zlib decoding errors carry no errno
+            raise TensileError(f"{source}: corrupt or truncated archive ({exc}); download it "
+                               "again; nothing was changed") from None
+        raise
+
+
+def _from_dpkg_deb(source: Path, staging: Path, target: str, seen: set[str]) -> None:
+    tool = shutil.which("dpkg-deb")
+    if tool is None:
+        raise TensileError(f"{source}: its data is zstd-compressed and needs dpkg-deb; unpack it "
+                           "(dpkg-deb -x) and pass the directory")
+    with subprocess.Popen([tool, "--fsys-tarfile", str(source)], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE) as proc:
+        assert proc.stdout is not None
+        _from_tar(proc.stdout, source, staging, target, "r|", seen)
+        _, err = proc.communicate()
+    if proc.returncode != 0:
+        raise TensileError(f"{source}: dpkg-deb failed: {err.decode(errors='replace').strip()}")
+
+
+class _Bounded(io.RawIOBase):
+    """The next `size` bytes of `f`, as a stream of their own."""
+
+    def __init__(self, f: IO[bytes], size: int) -> None:
+        self._f = f
+        self._left = size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        data = self._f.read(min(len(view), self._left))
+        view[: len(data)] = data
+        self._left -= len(data)
+        return len(data)
