@@ -13,10 +13,11 @@ Estimate (bytes, for the GPUs of one instance), from the model's GGUF header:
                key/value_length default to embedding_length / head_count. Sliding-window
                layers are counted at full length: an overestimate, never an underestimate.
     compute  = ffn + 2 * n_ub * n_ctx                                  flash attention on
-               max(ffn + 4 * n_ub * n_ctx,
-                   4 * n_ub * (5.5 * n_embd + (n_head + 1) * n_ctx))     flash_attn = "off"
+               max(ffn + 4 * n_ub * n_ctx,                               flash_attn = "off"
+                   4 * n_ub * (n_embd + 4 * q + 2 * kv + (n_head + 1) * n_ctx))
                ffn = 4 * n_ub * (4 * n_embd + 3 * n_ff): the f32 activations at the FFN's
-               peak; with FA off the f32 KQ matrix and mask replace that peak. n_ub = 512
+               peak; with FA off the f32 KQ matrix and mask replace that peak; q = n_head *
+               head_dim and kv = n_head_kv * head_dim are the Q and K/V widths. n_ub = 512
                (llama-server's n_ubatch), counted once per instance. The logits
                (4 * n_seq * n_vocab) live in pinned host memory, not on the GPU.
     mmproj   = the size of the mmproj file (its tensors go to the first GPU).
@@ -75,12 +76,15 @@ IDLE_OVERHEAD = 588 * MiB
 # GEMM) is not measured.
 FIRST_USE = 120 * MiB
 OVERHEAD_PER_GPU = IDLE_OVERHEAD + FIRST_USE
-# The compute buffer's shape, fitted to every measured CUDA0 compute buffer of the 1B and 8B
-# models to 0.01 MiB (§4, §7.3): 3 n_ff-wide f32 tensors at the FFN's peak, and with FA off
-# 5.5 n_embd-wide f32 activations beside the (n_head + 1) f32 KQ matrix and mask. Both shapes
-# have 32 heads and GQA 4, so 5.5 is not yet separated from the GQA ratio.
+# The compute buffer's shape, fitted to the measured CUDA0 compute buffers of five shapes (the
+# research's 1B and 8B; docs/research/vram-third-shape.md §4.1 on branch `device`: Llama-3.2-3B-,
+# Qwen2.5-32B- and Qwen3-32B-like, GQA 3/5/8, Q width 8192 != n_embd): FA on exact to 0.01 MiB
+# on all five, FA off exact on four and 2 MiB high on the Qwen3 shape. 3 n_ff-wide f32 tensors
+# at the FFN's peak; with FA off, n_embd + 4 Q + 2 K/V widths of f32 activations beside the
+# (n_head + 1)-wide f32 KQ matrix and mask. A fit of the allocator's peak, not a derivation.
 FFN_TENSORS = 3
-FA_OFF_EMBD = 5.5
+FA_OFF_Q = 4
+FA_OFF_KV = 2
 # ggml_cuda_pool_leg (ggml-cuda.cu) rounds each new buffer up to 1.05x the request, aligned to
 # 256 bytes; replaying it gives 14851 MiB for the 32256-token prompt that grew the legacy pool
 # by 14990 MiB (of which ~88 MiB was cuBLAS's first use) (§5).
@@ -187,7 +191,8 @@ def estimate(inst: InstanceConfig, model: GGUFInfo, mmproj_bytes: int = 0,
     n_ff = max(_per_layer(model.arch_value("feed_forward_length"), n_layer), default=0)
     heads = max(n_head, default=0)
     flash = inst.flash_attn != "off"
-    compute = compute_bytes(n_embd, n_ff, heads, n_ctx, flash)
+    heads_kv = max(n_head_kv, default=0)
+    compute = compute_bytes(n_embd, n_ff, heads, heads_kv, k_len, n_ctx, flash)
     prompt = min(n_ctx, context_size_trained(model) or n_ctx)
     pool = 0 if flash or not offloaded else pool_bytes(prompt, heads, legacy=legacy_pool)
     return Estimate(
@@ -199,13 +204,14 @@ def estimate(inst: InstanceConfig, model: GGUFInfo, mmproj_bytes: int = 0,
     )
 
 
-def compute_bytes(n_embd: int, n_ff: int, n_head: int, n_ctx: int, flash_attn: bool) -> int:
+def compute_bytes(n_embd: int, n_ff: int, n_head: int, n_head_kv: int, head_dim: int,
+                  n_ctx: int, flash_attn: bool) -> int:
     """The GPU compute buffer of one instance (module docstring)."""
     ffn = 4 * N_UBATCH * (4 * n_embd + FFN_TENSORS * n_ff)
     if flash_attn:
         return ffn + 2 * N_UBATCH * n_ctx
-    attention = 4 * N_UBATCH * (FA_OFF_EMBD * n_embd + (n_head + 1) * n_ctx)
-    return max(ffn + 4 * N_UBATCH * n_ctx, int(attention))
+    widths = n_embd + FA_OFF_Q * n_head * head_dim + FA_OFF_KV * n_head_kv * head_dim
+    return max(ffn + 4 * N_UBATCH * n_ctx, 4 * N_UBATCH * (widths + (n_head + 1) * n_ctx))
 
 
 def pool_bytes(n_prompt: int, n_head: int, *, legacy: bool = True) -> int:
