@@ -127,12 +127,12 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def est(models: dict[str, Path], name: str, ctx: int | None, fa: str | None,
-        legacy: bool = False) -> tuple[float, ...]:
+        legacy: bool = False, ngl: int | str = "all") -> tuple[float, ...]:
     """(weights, kv, compute, total, pool) in MiB for one instance on one GPU."""
     path = models[name]
     inst = InstanceConfig.model_validate({"model": path, "port": 8080, "name": "m",
                                           "source": path.with_suffix(".toml"),
-                                          "n_gpu_layers": "all", "ctx_size": ctx,
+                                          "n_gpu_layers": ngl, "ctx_size": ctx,
                                           "flash_attn": fa})
     e = estimate(inst, read_gguf(path), n_gpus=1, legacy_pool=legacy)
     return e.weights / MiB, e.kv / MiB, e.compute / MiB, e.total / MiB, e.pool / MiB
@@ -261,3 +261,28 @@ def test_fa_off_pool_uses_the_trained_context_as_the_longest_prompt(models: dict
     # the tiny model trained on 512: llama-server caps its slot there, so no prompt is longer
     pool = est(models, "tiny", 32768, "off", legacy=True)[4]
     assert pool == pool_bytes(512, 4) / MiB
+
+
+# vram-third-shape.md §5, partial offload: model, ctx, FA, -ngl, measured CUDA0 model / KV, and
+# the compute buffer (the larger of the reserved size and the size llama.cpp warned of at exit)
+PARTIAL = [
+    ("l3b", 4096, "on", 7, 1339.65, 96, 112.5),
+    ("q32", 4096, "on", 4, 2270.57, 48, 328.0),
+    ("q3", 4096, "on", 3, 1776.46, 32, 292.82),
+    ("q32", 4096, "on", 1, 788.26, 0, 328.0),
+    ("q32", 4096, "on", 8, 4246.97, 112, 328.0),
+    ("q32", 4096, "on", 9, 4741.07, 128, 206.01),
+    ("q32", 4096, "off", 4, 2270.57, 48, 390.0),
+    ("q32", 32768, "on", 4, 2270.57, 384, 407.44),
+]
+
+
+@pytest.mark.parametrize(("name", "ctx", "fa", "ngl", "weights", "kv", "compute"), PARTIAL)
+def test_partial_offload(models: dict[str, Path], name: str, ctx: int, fa: str, ngl: int,
+                         weights: float, kv: float, compute: float) -> None:
+    """-ngl N: the output layer and the last N - 1 blocks; the compute buffer grows by what op
+    offload copies in, bounded (not derived) with 160 MiB to spare at most."""
+    e_weights, e_kv, e_compute = est(models, name, ctx, fa, ngl=ngl)[:3]
+    assert e_weights == pytest.approx(weights, abs=0.01)
+    assert e_kv == kv
+    assert compute - 0.02 <= e_compute <= compute + 160  # 0.02: printed rounding

@@ -2,11 +2,13 @@
 
 Estimate (bytes, for the GPUs of one instance), from the model's GGUF header:
 
-    weights  = bytes of the tensors of the offloaded layers: the last `n_gpu_layers` of the
-               `<arch>.block_count` blocks ("blk.N.*"), plus the output tensors (output.weight,
-               output_norm, ...) when all blocks are offloaded (unset, "auto", "all", or
-               n_gpu_layers > block_count). token_embd stays on the CPU, except that a model
-               without output.weight (tied embeddings) gets a GPU copy of it for the output.
+    weights  = bytes of the tensors of the offloaded layers. llama.cpp counts the output layer
+               first: n_gpu_layers = N puts the output tensors (output.weight, output_norm,
+               ...) and the last N - 1 of the `<arch>.block_count` blocks ("blk.N.*") on the
+               GPUs; unset, "auto", "all" or N > block_count is everything (measured:
+               vram-third-shape.md §5, src/llama-model.cpp's i_gpu_start). token_embd stays
+               on the CPU, except that a model without output.weight (tied embeddings) gets a
+               GPU copy of it for the output.
     kv       = n_ctx * sum over offloaded layers of n_head_kv * (key_length + value_length) * 2
                (f16 cache). n_ctx is ctx_size, or the trained `<arch>.context_length` when
                ctx_size is 0 or unset (llama-server's default), padded up to 256 like llama.cpp.
@@ -20,6 +22,10 @@ Estimate (bytes, for the GPUs of one instance), from the model's GGUF header:
                head_dim and kv = n_head_kv * head_dim are the Q and K/V widths. n_ub = 512
                (llama-server's n_ubatch), counted once per instance. The logits
                (4 * n_seq * n_vocab) live in pinned host memory, not on the GPU.
+               With some blocks on the CPU the scheduler still runs their big matmuls on the
+               GPU (op offload), copying the weight and a CPU layer's K/V into the compute
+               buffer: counted as the largest tensor of a CPU block plus one layer's KV, a
+               bound that held with 27-151 MiB to spare on 8 measured runs (§5), not derived.
     mmproj   = the size of the mmproj file (its tensors go to the first GPU).
     overhead = 708 MiB per GPU: the runtime context at idle (588 MiB) and what the first
                prompt adds (BLAS handle and workspace, up to 116 MiB seen). Measured on CUDA; the
@@ -149,7 +155,8 @@ def _per_layer(value: object, n_layer: int) -> list[int]:
 
 
 def gpu_layer_count(n_gpu_layers: int | str | None, n_layer: int) -> int:
-    """How many blocks go to the GPUs; n_layer + 1 means the output layer too."""
+    """How many layers go to the GPUs, the output layer counted first: 1 is the output layer
+    alone, n_layer + 1 everything."""
     if n_gpu_layers is None or n_gpu_layers in ("auto", "all"):
         return n_layer + 1
     return min(int(n_gpu_layers), n_layer + 1)
@@ -165,14 +172,18 @@ def estimate(inst: InstanceConfig, model: GGUFInfo, mmproj_bytes: int = 0,
     """The formula in the module docstring; `n_gpus` 0 means a CPU-only instance."""
     n_layer = model.arch_int("block_count") or 0
     offloaded = gpu_layer_count(inst.n_gpu_layers, n_layer) if n_gpus else 0
-    first_gpu_layer = n_layer - min(offloaded, n_layer)
-    output_on_gpu = offloaded > n_layer
+    blocks = min(max(offloaded - 1, 0), n_layer)
+    first_gpu_layer = n_layer - blocks
+    output_on_gpu = offloaded >= 1
     weights = 0
+    cpu_tensor = 0  # the largest tensor of a block left on the CPU (op offload copies it)
     names = {t.name for t in model.tensors}
     for t in model.tensors:
         layer = _LAYER.match(t.name)
         if layer:
-            weights += t.nbytes if int(layer.group(1)) >= first_gpu_layer else 0
+            on_gpu = int(layer.group(1)) >= first_gpu_layer
+            weights += t.nbytes if on_gpu else 0
+            cpu_tensor = cpu_tensor if on_gpu else max(cpu_tensor, t.nbytes)
         elif t.name.startswith("token_embd."):
             tied = t.name == "token_embd.weight" and "output.weight" not in names
             weights += t.nbytes if tied and output_on_gpu else 0
@@ -193,12 +204,14 @@ def estimate(inst: InstanceConfig, model: GGUFInfo, mmproj_bytes: int = 0,
     flash = inst.flash_attn != "off"
     heads_kv = max(n_head_kv, default=0)
     compute = compute_bytes(n_embd, n_ff, heads, heads_kv, k_len, n_ctx, flash)
+    if offloaded > 0 and blocks < n_layer:
+        compute += cpu_tensor + kv_layers[0]
     prompt = min(n_ctx, context_size_trained(model) or n_ctx)
     pool = 0 if flash or not offloaded else pool_bytes(prompt, heads, legacy=legacy_pool)
     return Estimate(
         weights=weights, kv=kv, compute=compute if offloaded else 0,
         mmproj=mmproj_bytes if n_gpus else 0, overhead=OVERHEAD_PER_GPU * n_gpus,
-        n_ctx=n_ctx, gpu_layers=min(offloaded, n_layer), n_layer=n_layer,
+        n_ctx=n_ctx, gpu_layers=blocks, n_layer=n_layer,
         weights_all=model.tensor_bytes, kv_all=sum(kv_layers), compute_all=compute,
         pool=pool * n_gpus, flash_attn=flash,
     )
