@@ -232,3 +232,19 @@ def test_doctor_without_any_rocm(world: Path, monkeypatch: pytest.MonkeyPatch) -
     assert checks["rocm"].message.startswith(f"no ROCm at {empty / 'opt' / 'rocm'}")
     assert checks["rocblas"].status == "fail"
     assert checks["hip tools"].status == "warn"
+
+
+def test_the_real_debian_root() -> None:
+    """The sid root with Debian's ROCm 7.2.4 packages (built by the HIP build test; skipped
+    without it): the real dpkg status, multiarch tree and 156 gfx906 files."""
+    roots = sorted(Path.home().glob(".cache/mi50d/rootfs/sid-rocm-*/usr/bin/hipconfig"))
+    if not roots:
+        pytest.skip("no sid-rocm root (built by the HIP build test)")
+    root = roots[0].parents[2]
+    found = rocm.find_rocm(root / "opt" / "rocm", {})
+    assert found is not None and (found.prefix, found.layout) == (root / "usr", "distribution")
+    assert found.version is not None and found.version.parts == (7, 2, 4)
+    library = rocm.tensile_library(found, {})
+    assert library is not None and library.path == root / LIBDIR / "rocblas" / "5" / "library"
+    assert len(library.files) == 156
+    assert rocm.find_tools(found, "")["hipconfig"] == root / "usr" / "bin" / "hipconfig"

@@ -119,8 +119,8 @@ def test_never_overwrites_a_file_it_did_not_install(unpacked: Path, tmp_path: Pa
     library = amd_tree(tmp_path) / LIBRARY
     (library / "TensileLibrary_lazy_gfx906.dat").write_bytes(b"someone else's")
     before = snapshot(library)
-    with pytest.raises(tensile.TensileError, match="already has 1 of these files, not "
-                       "installed by mi50d"):
+    with pytest.raises(tensile.TensileError, match="already has 1 gfx906 files not installed "
+                       "by mi50d"):
         tensile.install(unpacked, library)
     assert snapshot(library) == before
 
@@ -238,3 +238,24 @@ def test_the_cli(unpacked: Path, tmp_path: Path) -> None:
     gone = ctl("uninstall")
     assert gone.returncode == 0 and f"removed {GFX906_FILES} files" in gone.stdout
     assert gone.stdout.splitlines()[-1].startswith("✗ rocblas: ")
+
+
+def sid_root() -> Path:
+    """The Debian sid root with ROCm 7.2.4 that the HIP build test builds (tests/systemd, opt-in)."""
+    roots = sorted(Path.home().glob(".cache/mi50d/rootfs/sid-rocm-*/usr/lib/x86_64-linux-gnu/"
+                                    "librocblas.so.5"))
+    if not roots:
+        pytest.skip("no sid-rocm root (built by the HIP build test)")
+    return roots[0].parents[3]
+
+
+def test_the_sid_root_has_them_and_is_left_alone(rocblas_deb: Path) -> None:
+    root = sid_root()
+    found, library = tensile.locate(root / "opt" / "rocm", {})
+    assert found.layout == "distribution" and library == root / DEB_LIBRARY
+    assert rocblas(found.prefix) == "ok"
+    before = snapshot(library)
+    with pytest.raises(tensile.TensileError, match=f"already has {GFX906_FILES} gfx906 files"):
+        tensile.install(rocblas_deb, library)
+    assert snapshot(library) == before
+    assert tensile.status(library)["files"] == GFX906_FILES

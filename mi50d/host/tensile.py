@@ -128,6 +128,11 @@ def install(source: Path, library: Path, target: str = TARGET) -> Installed:
         raise TensileError(f"{library} already has {len(previous['files'])} files mi50d "
                            f"installed from {previous.get('source')}; run mi50ctl tensile "
                            "uninstall first")
+    present = sorted(p.name for p in library.glob(f"*{target}*"))
+    if present:  # refused before reading the source: nothing to add, or files not ours
+        raise TensileError(f"{library} already has {len(present)} {target} files not installed "
+                           f"by mi50d (e.g. {present[0]}); nothing was changed. If rocBLAS "
+                           "still fails, remove them first (they belong to another package)")
     with _staging(library) as staging:
         seen: set[str] = set()
         origin = _extract(source, staging, target, seen)
