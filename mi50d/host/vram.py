@@ -35,16 +35,20 @@ Estimate (bytes, for the GPUs of one instance), from the model's GGUF header:
                the legacy pool (GGML_HIP_NO_VMM is on by default), which keeps every buffer it
                ever allocated (5% larger than asked) until one of its own allocations fails:
                a prompt that fills the context leaves one buffer per size reached, about
-               14.5 GiB at 32k context with 32 heads (`legacy_pool_bytes` replays that). A VMM
+               14.5 GiB at 32k context with 32 heads (`pool_bytes` replays that). A VMM
                pool (CUDA) keeps only the largest, 2 * n_ub * n_ctx * n_head. The longest
                prompt is n_ctx, capped at the trained context as llama-server caps its slots.
                `flash_attn` unset or "auto" is counted as on: llama.cpp enables it where the
                GPU supports it, and mi50d sets it on for gfx906 instances (`host.flashattn`).
 
 With several GPUs, llama.cpp splits layers in proportion to each GPU's total VRAM, so the
-estimate minus overhead is split that way and each GPU also gets its overhead.
+estimate minus overhead is split that way and each GPU also gets its overhead and pool. (Read
+from the source since: llama.cpp splits by each GPU's free memory at load, whole layers, output on
+the last GPU; vram-third-shape.md §7. Not modelled here yet.)
 
-Room on a GPU = total - max(used according to sysfs, what other instances hold there).
+Room on a GPU = total - max(used according to sysfs, what other instances hold there). The pool
+need not fit to start (it only grows with long prompts, and frees its cache when one of its own
+allocations fails), but `check_fit` warns whenever it is counted, saying how much it may keep.
 Instances that are running already appear in sysfs `used`; the recorded holdings cover those still
 loading, which have not allocated yet. Adding both would count running instances twice.
 
