@@ -143,3 +143,14 @@ def test_degraded_end_to_end(request: pytest.FixtureRequest, world: Path) -> Non
         shown = d.ctl("status", "tiny")
         row = shown.stdout.splitlines()[1]
         assert row.split()[1] == "running" and "degraded: no ROCm device visible" in row
+
+
+def test_doctor_names_a_hip_build_without_a_device(world: Path) -> None:
+    from mi50d.host.doctor import host_checks
+
+    server = binary(world, HIP_LIST_DEVICES)  # no build.json: doctor runs it
+    cfg = DaemonConfig.model_validate({"llama_server": server, "socket": world / "none.sock",
+                                       "host": {"sysfs_root": world, "rocm_path": world}})
+    check = {c.name: c for c in host_checks(cfg, None)}["llama-server"]
+    assert check.message.endswith("a HIP build that sees no GPU (no ROCm-capable device is "
+                                  "detected)")

@@ -167,9 +167,14 @@ def _build(daemon: DaemonConfig, account: Account | None, expect_gpu: bool) -> C
     if not version.ok:
         return fail("llama-server", f"{binary} --version failed: {version.last_line()}",
                     "mi50ctl build-llama --targets gfx906")
-    devices = parse_devices(run_as(account, [str(binary), "--list-devices"], {},
-                                   TOOL_TIMEOUT_S).output)
+    listed = run_as(account, [str(binary), "--list-devices"], {}, TOOL_TIMEOUT_S).output
+    devices = parse_devices(listed)
     text = f"{binary}: {version.output.strip().splitlines()[0]}"
+    if not devices and rocm.build_backend(binary, listed) == "hip":
+        why = rocm.rocm_init_failure(listed) or "no ROCm device visible"
+        return (warn if expect_gpu else ok)("llama-server", f"{text}; a HIP build that sees no "
+                                            f"GPU ({why})", *(["check the gpus and device "
+                                            "access lines above"] if expect_gpu else []))
     if not devices:
         return (warn if expect_gpu else ok)("llama-server", text + "; sees no GPU",
                                             *(["mi50ctl build-llama --targets gfx906"]
