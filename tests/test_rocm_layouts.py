@@ -225,6 +225,7 @@ def test_doctor_on_debian(world: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_doctor_without_any_rocm(world: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    monkeypatch.delenv("ROCM_PATH", raising=False)
     empty = world / "empty"
     empty.mkdir()
     checks = named(host_checks(daemon_for(world, empty), None))
@@ -248,3 +249,16 @@ def test_the_real_debian_root() -> None:
     assert library is not None and library.path == root / LIBDIR / "rocblas" / "5" / "library"
     assert len(library.files) == 156
     assert rocm.find_tools(found, "")["hipconfig"] == root / "usr" / "bin" / "hipconfig"
+
+
+def test_rocm_path_variable_and_versioned_trees(tmp_path: Path) -> None:
+    opt = tmp_path / "opt"
+    for version in ("6.3.3", "7.0.2", "6.4.4"):
+        info = opt / f"rocm-{version}" / ".info" / "version"
+        info.parent.mkdir(parents=True)
+        info.write_text(f"{version}-1\n")
+    found = rocm.find_rocm(opt / "rocm", {})  # no /opt/rocm link: the newest release
+    assert found is not None and found.prefix == opt / "rocm-7.0.2"
+    chosen = rocm.find_rocm(opt / "rocm", {"ROCM_PATH": str(opt / "rocm-6.3.3")})
+    assert chosen is not None and chosen.version is not None
+    assert str(chosen.version) == "6.3.3"

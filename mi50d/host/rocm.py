@@ -83,8 +83,10 @@ class TensileLibrary:
 
 
 def find_rocm(rocm_path: Path, env: Mapping[str, str] | None = None) -> Rocm | None:
-    """ROCm at `rocm_path` (host.rocm_path), else in the `usr` beside the `opt` holding it
-    (`/opt/rocm` -> `/usr`: distribution packages), else where hipconfig on PATH lives."""
+    """ROCm at `rocm_path` (host.rocm_path); else `$ROCM_PATH`; else, for a path in an `opt`
+    directory, the newest versioned `opt/rocm-X.Y.Z` beside it (AMD's packages without the
+    `/opt/rocm` link) and the `usr` beside that `opt` (distribution packages); else where
+    hipconfig on PATH lives."""
     for prefix in _candidates(rocm_path, env or {}):
         found = _at(prefix)
         if found is not None:
@@ -94,12 +96,20 @@ def find_rocm(rocm_path: Path, env: Mapping[str, str] | None = None) -> Rocm | N
 
 def _candidates(rocm_path: Path, env: Mapping[str, str]) -> list[Path]:
     out = [rocm_path]
+    if env.get("ROCM_PATH"):
+        out.append(Path(env["ROCM_PATH"]))
     if rocm_path.parent.name == "opt":
+        out += sorted(rocm_path.parent.glob("rocm-[0-9]*"), key=_version_key, reverse=True)
         out.append(rocm_path.parent.parent / "usr")
     hipconfig = which("hipconfig", env.get("PATH", ""))
     if hipconfig is not None:
         out.append(Path(os.path.realpath(hipconfig)).parent.parent)
     return out
+
+
+def _version_key(path: Path) -> tuple[int, ...]:
+    m = _NUMBERS.search(path.name)
+    return tuple(int(p) for p in m.group(1).split(".")) if m else ()
 
 
 def _at(prefix: Path) -> Rocm | None:
