@@ -224,7 +224,7 @@ def test_doctor_on_debian(world: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_doctor_without_any_rocm(world: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    monkeypatch.setenv("PATH", str(world / "nowhere"))  # a host's own ROCm stays out of it
     monkeypatch.delenv("ROCM_PATH", raising=False)
     empty = world / "empty"
     empty.mkdir()
