@@ -1,5 +1,5 @@
 """VRAM model v2 against the measurements of ../shared/research/gpu-vram-cuda.md and of
-docs/research/vram-third-shape.md (branch `device`): llama.cpp's CUDA backend (the ggml-cuda source
+docs/research/vram-third-shape.md: llama.cpp's CUDA backend (the ggml-cuda source
 hipcc builds for the MI50) on an H200, six model shapes at ctx 4096 and 32768, flash attention on
 and off. The models' GGUF headers are rebuilt here with the gguf package
 from the shapes the research lists (sparse files of the real size, as the research's own check
@@ -56,7 +56,7 @@ class Shape:
 TINY = Shape("tiny", 2, 64, 4, 4, 128, 512, F16, tied=False)
 ONE_B = Shape("1B F16", 16, 2048, 32, 8, 8192, 131072, F16, tied=True)
 EIGHT_B = Shape("8B Q8_0", 32, 4096, 32, 8, 14336, 131072, Q8_0, tied=False)
-# docs/research/vram-third-shape.md (branch `device`), §2: Llama-3.2-3B-, Qwen2.5-32B- and
+# docs/research/vram-third-shape.md §2: Llama-3.2-3B-, Qwen2.5-32B- and
 # Qwen3-32B-like with fewer layers; q3's Q width (64 x 128) is not n_embd
 L3B = Shape("l3b", 14, 3072, 24, 8, 8192, 131072, F16, tied=False)
 Q32 = Shape("q32", 8, 5120, 40, 8, 27648, 131072, Q8_0, tied=False, n_vocab=151936)

@@ -87,7 +87,7 @@ IDLE_OVERHEAD = 588 * MiB
 FIRST_USE = 120 * MiB
 OVERHEAD_PER_GPU = IDLE_OVERHEAD + FIRST_USE
 # The compute buffer's shape, fitted to the measured CUDA0 compute buffers of five shapes (the
-# research's 1B and 8B; docs/research/vram-third-shape.md §4.1 on branch `device`: Llama-3.2-3B-,
+# research's 1B and 8B; docs/research/vram-third-shape.md §4.1: Llama-3.2-3B-,
 # Qwen2.5-32B- and Qwen3-32B-like, GQA 3/5/8, Q width 8192 != n_embd): FA on exact to 0.01 MiB
 # on all five, FA off exact on four and 2 MiB high on the Qwen3 shape. 3 n_ff-wide f32 tensors
 # at the FFN's peak; with FA off, n_embd + 4 Q + 2 K/V widths of f32 activations beside the
