@@ -8,16 +8,18 @@ rocBLAS reads (`mi50d.host.rocm.library_dirs`), and writes a manifest there, `.m
 naming each file with its SHA-256, so that `uninstall` removes exactly those and nothing else.
 
 All or nothing: the files are first extracted into a staging directory inside the library
-directory (same file system, so moving them in is a rename), conflicts are checked before
+directory (same file system, so moving them in is a hard link), conflicts are checked before
 anything moves, the manifest is written before the first file moves (a crash midway leaves a
-manifest naming everything that may be there), and any error moves back what was moved. A file
-that exists and was not installed by mi50d is never overwritten.
+manifest naming everything that may be there), and any error takes back what was moved. A file
+that exists and was not installed by mi50d is never overwritten: a link never replaces a file.
+One install or uninstall runs at a time per directory (flock on the directory).
 """
 
 from __future__ import annotations
 
 import datetime
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -104,6 +106,11 @@ def install(source: Path, library: Path, target: str = TARGET) -> Installed:
                            "(install rocBLAS first, or give --rocm-path the tree that has it)")
     if not source.exists():
         raise TensileError(f"{source} does not exist")
+    with _locked(library):
+        return _install(source, library, target)
+
+
+def _install(source: Path, library: Path, target: str) -> Installed:
     previous = read_manifest(library)
     if previous is not None:
         raise TensileError(f"{library} already has {len(previous['files'])} files mi50d "
@@ -139,19 +146,24 @@ def install(source: Path, library: Path, target: str = TARGET) -> Installed:
         moved: list[str] = []
         try:
             for name in names:
-                os.rename(staging / name, library / name)
+                os.link(staging / name, library / name)  # never replaces: EEXIST instead
                 moved.append(name)
         except OSError as exc:
             for name in moved:
-                os.rename(library / name, staging / name)
+                (library / name).unlink()
             (library / MANIFEST).unlink()
-            raise TensileError(f"moving into {library} failed: {exc.strerror}; nothing was "
-                               "changed") from None
+            raise TensileError(f"moving {name} into {library} failed: {exc.strerror}; nothing "
+                               "was changed") from None
     return Installed(library, origin, tuple(names))
 
 
 def uninstall(library: Path) -> Removed:
     """Remove the files the manifest in `library` names, when unchanged, then the manifest."""
+    with _locked(library):
+        return _uninstall(library)
+
+
+def _uninstall(library: Path) -> Removed:
     manifest = read_manifest(library)
     if manifest is None:
         raise TensileError(f"{library} has no {MANIFEST}: mi50d installed nothing there")
@@ -194,6 +206,18 @@ def status(library: Path, target: str = TARGET) -> dict[str, Any]:
 
 
 # --- staging and writing -------------------------------------------------------------------------
+
+@contextmanager
+def _locked(library: Path) -> Iterator[None]:
+    """One install or uninstall at a time per library directory (a lock on the directory
+    itself, so nothing is left in the tree)."""
+    fd = os.open(library, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
 
 @contextmanager
 def _staging(library: Path) -> Iterator[Path]:
