@@ -10,6 +10,7 @@ checks each file against the archive's signed index, as for any download.
 from __future__ import annotations
 
 import fcntl
+import getpass
 import shutil
 import subprocess
 import tempfile
@@ -31,7 +32,9 @@ def _apt_options(apt: Path) -> list[str]:
             "-o", f"Dir::State::Lists={apt / 'lists'}",
             "-o", f"Dir::Cache::Archives={apt / 'archives'}",
             "-o", "Dir::Cache::pkgcache=", "-o", "Dir::Cache::srcpkgcache=",
-            "-o", "Acquire::Check-Valid-Until=false", "-o", "APT::Sandbox::User=root"]
+            "-o", "Acquire::Check-Valid-Until=false",
+            # downloads into our own cache: apt's _apt user could not write there
+            "-o", f"APT::Sandbox::User={getpass.getuser()}"]
 
 
 def _run(argv: list[str], cwd: Path) -> None:
