@@ -10,6 +10,7 @@ import hashlib
 import json
 import shutil
 import subprocess
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -259,3 +260,24 @@ def test_the_sid_root_has_them_and_is_left_alone(rocblas_deb: Path) -> None:
         tensile.install(rocblas_deb, library)
     assert snapshot(library) == before
     assert tensile.status(library)["files"] == GFX906_FILES
+
+
+def test_from_a_tarball_laid_out_like_amds_tree(unpacked: Path, tmp_path: Path) -> None:
+    """A .tar.gz holding opt/rocm-6.4.4/lib/rocblas/library/ (AMD's layout) with some of the
+    real files, plus a gfx906-named file outside any library directory, which is not taken."""
+    chosen = sorted(unpacked.glob("*gfx906*"), key=lambda p: p.stat().st_size)[:5]
+    tarball = tmp_path / "rocblas-6.4.4.tar.gz"
+    with tarfile.open(tarball, "w:gz") as tar:
+        for f in chosen:
+            tar.add(f, arcname=f"opt/rocm-6.4.4/lib/rocblas/library/{f.name}")
+        tar.add(chosen[0], arcname="opt/rocm-6.4.4/share/doc/notes-gfx906.txt")
+    library = amd_tree(tmp_path / "t") / LIBRARY
+    done = tensile.install(tarball, library)
+    assert sorted(done.files) == sorted(f.name for f in chosen)
+    assert done.source.package is None
+    assert not (library / "notes-gfx906.txt").exists()
+    zst = tmp_path / "rocblas.tar.zst"
+    zst.touch()
+    tensile.uninstall(library)
+    with pytest.raises(tensile.TensileError, match="zstd-compressed tar archives are not read"):
+        tensile.install(zst, library)
