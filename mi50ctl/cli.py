@@ -28,6 +28,10 @@ from mi50ctl.doctor_cmd import check, doctor  # noqa: E402
 cli.add_command(doctor)
 cli.add_command(check)
 
+from mi50ctl.tensile_cmd import tensile  # noqa: E402
+
+cli.add_command(tensile)
+
 from mi50ctl.ctl_cmd import logs, reload, restart, start, status, stop  # noqa: E402
 
 cli.add_command(status)

@@ -119,7 +119,7 @@ def _follow_start(client: Client, name: str, wait: bool, timeout_s: float | None
     assert result is not None
     st = result.status
     if result.outcome == "running":
-        click.echo(f"{name} running: {st.endpoint} (ready in {render.duration(result.elapsed_s)})")
+        click.echo(render.started_text(st, result.elapsed_s))
     elif result.outcome == "requested":
         click.echo(f"{name}: start requested; now {st.state}")
     elif result.outcome == "timeout":

@@ -62,10 +62,27 @@ def _gpus(st: InstanceStatus) -> str:
                     for g in indices) or "none"
 
 
+def degraded(st: InstanceStatus) -> str | None:
+    """The diagnosis of a running instance that is not what it was asked to be (e.g. a GPU
+    instance serving from the CPU), else None."""
+    if st.state == "running" and st.diagnosis and st.diagnosis.startswith("degraded"):
+        return st.diagnosis
+    return None
+
+
+def started_text(st: InstanceStatus, elapsed_s: float | None) -> str:
+    """`start`'s result: the degradation when there is one, then the endpoint line (last, for
+    scripts that read it)."""
+    line = f"{st.name} running: {st.endpoint} (ready in {duration(elapsed_s)})"
+    note = degraded(st)
+    return f"{st.name} {note}\n{line}" if note else line
+
+
 def _note(st: InstanceStatus) -> str:
-    """Why it is not running: the reason, then the diagnosis when there is one."""
+    """Why it is not running: the reason, then the diagnosis when there is one; for a running
+    instance only a degradation."""
     if st.state == "running":
-        return ""
+        return degraded(st) or ""
     note = st.reason
     if st.diagnosis and st.diagnosis not in note:
         note = f"{note}; {st.diagnosis}"

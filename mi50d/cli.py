@@ -19,6 +19,7 @@ import click
 from mi50d import __version__
 from mi50d.config import DEFAULT_CONFIG_DIR, Config, ConfigError, load_config
 from mi50d.host.accounts import account_for
+from mi50d.host.flashattn import with_host_defaults
 
 EX_CONFIG = 78
 EX_CANTCREAT = 73
@@ -72,7 +73,7 @@ def main(config_dir: Path, socket_path: Path | None, check_config: bool, as_json
          log_level: str) -> None:
     """Supervise llama-server instances described by CONFIG_DIR/*.toml, in the foreground."""
     try:
-        config = load_config(config_dir)
+        config = with_host_defaults(load_config(config_dir))  # flash_attn on for gfx906
         account = account_for(config)
     except ConfigError as exc:
         for problem in exc.problems:

@@ -22,6 +22,7 @@ from mi50d.control.server import ControlServer, ControlSocketError, bind_socket,
 from mi50d.engine.states import State
 from mi50d.engine.supervisor import ReloadReport, Supervisor, UnknownInstance
 from mi50d.host.accounts import Account, account_for
+from mi50d.host.flashattn import with_host_defaults
 from mi50d.systemd import Notifier, announce, listen_socket, ping_watchdog
 
 log = logging.getLogger("mi50d.daemon")
@@ -47,7 +48,8 @@ class Daemon:
                 hook(True)
             try:
                 try:
-                    new = await asyncio.to_thread(load_config, self.config_dir)
+                    new = await asyncio.to_thread(
+                        lambda: with_host_defaults(load_config(self.config_dir)))
                     account = account_for(new)
                 except ConfigError as exc:
                     for problem in exc.problems:

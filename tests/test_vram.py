@@ -21,6 +21,7 @@ from mi50d.host.vram import (
     estimate,
     estimate_error,
     parse_buffers,
+    pool_bytes,
 )
 from tests.ggufwriter import write_model
 from tests.realbinary import llama_server
@@ -57,13 +58,18 @@ def test_ctx_size_zero_means_trained_and_is_padded(tmp_path: Path) -> None:
     assert big.kv == 8 * small.kv
 
 
-def test_partial_offload_takes_the_last_layers_and_no_output(tmp_path: Path) -> None:
+def test_partial_offload_takes_the_output_layer_first(tmp_path: Path) -> None:
+    # llama.cpp's -ngl N is the output layer and the last N - 1 blocks (measured on CUDA,
+    # vram-third-shape.md §5; before vram v2 this test pinned "the last N blocks, no output")
     path = write_model(tmp_path / "m.gguf", n_layer=4)
     model = read_gguf(path)
-    est = estimate(inst(path, n_gpu_layers=1), model)
+    output = sum(t.nbytes for t in model.tensors if t.name.startswith("output"))
     blk3 = sum(t.nbytes for t in model.tensors if t.name.startswith("blk.3."))
-    assert est.weights == blk3 and est.gpu_layers == 1
-    assert est.kv == estimate(inst(path), model).kv // 4
+    two = estimate(inst(path, n_gpu_layers=2), model)
+    assert two.weights == blk3 + output and two.gpu_layers == 1
+    assert two.kv == estimate(inst(path), model).kv // 4
+    one = estimate(inst(path, n_gpu_layers=1), model)
+    assert one.weights == output and one.kv == 0 and one.gpu_layers == 0
     assert estimate(inst(path, n_gpu_layers=0), model, n_gpus=1).weights == 0
     cpu = estimate(inst(path), model, n_gpus=0)
     assert cpu.total == 0 and cpu.weights_all == model.tensor_bytes
@@ -77,10 +83,13 @@ def test_tied_embeddings_put_a_copy_of_token_embd_on_the_gpu(tmp_path: Path) -> 
 
 
 def test_flash_attn_off_adds_the_kq_matrix(tmp_path: Path) -> None:
-    path = write_model(tmp_path / "m.gguf")
+    path = write_model(tmp_path / "m.gguf")  # n_embd 256, 4/2 heads of 64, n_ff 512, ctx 4096
     model = read_gguf(path)
     on, off = estimate(inst(path), model), estimate(inst(path, flash_attn="off"), model)
-    assert off.compute - on.compute == 4 * 512 * 4096 * 4
+    # v2 (tests/test_vram_v2.py): with FA off the f32 KQ matrix and mask replace the FFN's peak
+    assert on.compute == 4 * 512 * (4 * 256 + 3 * 512) + 2 * 512 * 4096
+    assert off.compute == 4 * 512 * (256 + 4 * 4 * 64 + 2 * 2 * 64 + (4 + 1) * 4096)
+    assert on.pool == 0 and off.pool == pool_bytes(4096, 4) > 0
 
 
 def _estimate(total_gib: float) -> Estimate:

@@ -10,7 +10,7 @@ This module owns assembling those checks into a `Report`; rendering is the CLI's
 
 from __future__ import annotations
 
-import json
+import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +18,7 @@ from typing import Any
 
 from mi50d.config import ConfigError, DaemonConfig, load_config, load_daemon_config
 from mi50d.host import gpus as gpumod
-from mi50d.host import kfd
+from mi50d.host import kfd, rocm
 from mi50d.host.access import account_name, run_as
 from mi50d.host.accounts import Account, AccountError, resolve_account
 from mi50d.host.checks import Check, fail, ok, skip, warn
@@ -29,6 +29,7 @@ from mi50d.host.preflight import (
     rocblas_check,
     run_preflight,
 )
+from mi50d.host.rocm import read_build as read_build  # moved there (preflight needs it too)
 from mi50d.host.vram import gib
 
 SOCKET_TIMEOUT_S = 2.0
@@ -68,10 +69,8 @@ def _account(daemon: DaemonConfig) -> tuple[Check, Account | None]:
 
 def host_checks(daemon: DaemonConfig, account: Account | None) -> list[Check]:
     host = daemon.host
-    version = gpumod.rocm_version(host)
-    checks = [ok("rocm", f"ROCm {'.'.join(map(str, version))} at {host.rocm_path}")
-              if version else fail("rocm", f"no ROCm at {host.rocm_path} (no .info/version)",
-                                   "install ROCm 7.x, or set host.rocm_path in mi50d.toml")]
+    installed = rocm.find_rocm(host.rocm_path, os.environ)
+    checks = [_rocm(installed, host.rocm_path)]
     found = gpumod.list_gpus(host)
     targets = kfd.gfx_targets(host.sysfs_root)
     if not found:
@@ -83,11 +82,11 @@ def host_checks(daemon: DaemonConfig, account: Account | None) -> list[Check]:
             *([] if "gfx906" in targets else ["mi50d is made for MI50 (gfx906) GPUs"]),
         ))
         checks += [ok(f"gpu {g.index}", _describe(g), **g.to_json()) for g in found]
-        checks.append(_rocminfo(daemon, targets))
+        checks.append(_rocminfo(installed, targets))
         checks.append(device_access_check(found, daemon, account))
         if "gfx906" in targets:
             checks.append(rocblas_check(daemon))
-    checks.append(_hip_tools(daemon))
+    checks.append(_hip_tools(installed))
     checks.append(_build(daemon, account, expect_gpu=bool(found)))
     checks.append(socket_check(daemon.socket))
     return checks
@@ -106,10 +105,23 @@ def _describe(g: gpumod.Gpu) -> str:
     return "; ".join(parts)
 
 
-def _rocminfo(daemon: DaemonConfig, targets: list[str]) -> Check:
-    tool = daemon.host.rocm_path / "bin" / "rocminfo"
-    if not tool.is_file():
-        return skip("rocminfo", f"{tool} not installed")
+def _rocm(found: rocm.Rocm | None, configured: Path) -> Check:
+    if found is None:
+        return fail("rocm", f"no ROCm at {configured} (no .info/version), nor distribution "
+                    "packages in /usr, nor hipconfig on PATH",
+                    "install ROCm 7.x, or set host.rocm_path in mi50d.toml")
+    data = {"prefix": str(found.prefix), "layout": found.layout,
+            "version": str(found.version) if found.version else None}
+    if found.version is None:
+        return warn("rocm", found.describe(), "install librocm-core-dev (or set "
+                    "host.rocm_path to an AMD ROCm tree with .info/version)", **data)
+    return ok("rocm", found.describe(), **data)
+
+
+def _rocminfo(found: rocm.Rocm | None, targets: list[str]) -> Check:
+    tool = rocm.find_tools(found, os.environ.get("PATH", ""), ["rocminfo"])["rocminfo"]
+    if tool is None:
+        return skip("rocminfo", "rocminfo not installed")
     done = run_as(None, [str(tool)], {"PATH": "/usr/bin:/bin"}, TOOL_TIMEOUT_S)
     seen = sorted(set(gpumod.rocminfo_targets(done.output)))
     if not done.ok or seen != targets:
@@ -119,25 +131,16 @@ def _rocminfo(daemon: DaemonConfig, targets: list[str]) -> Check:
     return ok("rocminfo", f"rocminfo agrees: {', '.join(seen)}")
 
 
-def _hip_tools(daemon: DaemonConfig) -> Check:
-    bindir = daemon.host.rocm_path / "bin"
-    missing = [t for t in ("hipcc", "hipconfig") if not (bindir / t).is_file()]
+def _hip_tools(found: rocm.Rocm | None) -> Check:
+    tools = rocm.find_tools(found, os.environ.get("PATH", ""))
+    missing = [t for t, p in tools.items() if p is None]
+    where = sorted({str(p.parent) for p in tools.values() if p is not None})
     if missing:
-        return warn("hip tools", f"{', '.join(missing)} not in {bindir}",
-                    "install the HIP SDK (rocm-hip-sdk); needed only to build llama-server")
-    return ok("hip tools", f"hipcc and hipconfig in {bindir}")
-
-
-def read_build(binary: Path) -> dict[str, Any] | None:
-    """The build.json `mi50ctl build-llama` writes at <build>/build.json for <build>/bin/..."""
-    for candidate in (binary.parent.parent / "build.json", binary.parent / "build.json"):
-        try:
-            record = json.loads(candidate.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(record, dict):
-            return record
-    return None
+        looked = f"{found.prefix / 'bin'} or on PATH" if found else "on PATH"
+        return warn("hip tools", f"{', '.join(missing)} not in {looked}",
+                    "install the HIP SDK (rocm-hip-sdk, or Debian's hipcc); needed only to "
+                    "build llama-server")
+    return ok("hip tools", f"hipcc and hipconfig in {', '.join(where)}")
 
 
 def _build(daemon: DaemonConfig, account: Account | None, expect_gpu: bool) -> Check:
@@ -164,9 +167,14 @@ def _build(daemon: DaemonConfig, account: Account | None, expect_gpu: bool) -> C
     if not version.ok:
         return fail("llama-server", f"{binary} --version failed: {version.last_line()}",
                     "mi50ctl build-llama --targets gfx906")
-    devices = parse_devices(run_as(account, [str(binary), "--list-devices"], {},
-                                   TOOL_TIMEOUT_S).output)
+    listed = run_as(account, [str(binary), "--list-devices"], {}, TOOL_TIMEOUT_S).output
+    devices = parse_devices(listed)
     text = f"{binary}: {version.output.strip().splitlines()[0]}"
+    if not devices and rocm.build_backend(binary, listed) == "hip":
+        why = rocm.rocm_init_failure(listed) or "no ROCm device visible"
+        return (warn if expect_gpu else ok)("llama-server", f"{text}; a HIP build that sees no "
+                                            f"GPU ({why})", *(["check the gpus and device "
+                                            "access lines above"] if expect_gpu else []))
     if not devices:
         return (warn if expect_gpu else ok)("llama-server", text + "; sees no GPU",
                                             *(["mi50ctl build-llama --targets gfx906"]

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from mi50d.config import DaemonConfig, InstanceConfig
 from mi50d.host import gpus as gpumod
+from mi50d.host import rocm
 from mi50d.host.access import account_name, check_access, run_as
 from mi50d.host.accounts import Account
 from mi50d.host.checks import Check, fail, ok, skip, warn
@@ -76,7 +77,7 @@ def run_preflight(inst: InstanceConfig, daemon: DaemonConfig, account: Account |
         checks.append(gpu_check)
         if selected:
             checks.append(device_access_check(selected, daemon, account))
-            checks.append(_rocblas(selected, daemon))
+            checks.append(_rocblas(selected, daemon, inst.environment(os.environ)))
     if selected and model is not None:
         est = estimate(inst, model, mmproj_size, n_gpus=len(selected))
         held = {o.name: o.vram for o in others if o.name != inst.name and o.vram}
@@ -148,16 +149,30 @@ def _listed_devices(inst: InstanceConfig, daemon: DaemonConfig, account: Account
         return fail("devices", f"{binary} --list-devices failed: {done.last_line()}",
                     "run it by hand to see why; mi50ctl doctor checks the host")
     if not devices:
-        return fail("devices", f"{binary} sees no GPU (a CPU-only build, or no ROCm device "
-                    "visible): it would run on the CPU", "build with HIP: mi50ctl build-llama "
-                    "--targets gfx906; or set n_gpu_layers = 0 to run on the CPU on purpose",
-                    devices=devices)
+        return _no_devices(binary, done.output, account)
     if len(devices) < wanted:
         return fail("devices", f"llama-server sees {len(devices)} of the {wanted} GPUs asked for",
                     "check device access (mi50ctl doctor) and the instance's gpus",
                     devices=devices)
     names = ", ".join(str(d["name"]) for d in devices)
     return ok("devices", f"llama-server sees {names}", devices=devices)
+
+
+def _no_devices(binary: Path, output: str, account: Account | None) -> Check:
+    """A HIP build that sees no GPU needs the host fixed; a CPU build needs rebuilding."""
+    backend = rocm.build_backend(binary, output)
+    cpu = "set n_gpu_layers = 0 to run on the CPU on purpose"
+    if backend == "hip":
+        why = rocm.rocm_init_failure(output) or "no ROCm device visible"
+        return fail("devices", f"{binary} is a HIP build but sees no GPU ({why}): it would run "
+                    "on the CPU", f"check that {account_name(account)} can use the GPUs "
+                    "(mi50ctl doctor: amdgpu driver, /dev/kfd, device access) and the instance's "
+                    f"gpus / ROCR_VISIBLE_DEVICES; or {cpu}", devices=[], backend=backend)
+    what = (f"a {backend} build, without HIP" if backend is not None
+            else "a CPU-only build, or no ROCm device visible")
+    return fail("devices", f"{binary} sees no GPU ({what}): it would run on the CPU",
+                f"build with HIP: mi50ctl build-llama --targets gfx906; or {cpu}", devices=[],
+                backend=backend)
 
 
 def _gguf(path: Path, name: str, daemon: DaemonConfig, account: Account | None,
@@ -279,27 +294,42 @@ def device_access_check(selected: Sequence[gpumod.Gpu], daemon: DaemonConfig,
     return ok("device access", f"{user} can open {', '.join(str(n) for n in nodes)}")
 
 
-def _rocblas(selected: Sequence[gpumod.Gpu], daemon: DaemonConfig) -> Check:
+def _rocblas(selected: Sequence[gpumod.Gpu], daemon: DaemonConfig,
+             env: Mapping[str, str]) -> Check:
     if not any(g.is_mi50 for g in selected):
         return skip("rocblas", "no gfx906 GPU selected")
-    return rocblas_check(daemon)
+    return rocblas_check(daemon, env)
 
 
-def rocblas_check(daemon: DaemonConfig) -> Check:
-    """rocBLAS's gfx906 Tensile files: ROCm >= 6.4 dropped them, and a HIP llama-server then
-    aborts with "Cannot read TensileLibrary.dat" at its first matrix multiply."""
-    host = daemon.host
-    version = gpumod.rocm_version(host)
-    shown = ".".join(map(str, version)) if version else "unknown"
-    files = gpumod.tensile_files(host)
-    library = host.rocm_path / "lib" / "rocblas" / "library"
-    if files:
-        return ok("rocblas", f"{len(files)} gfx906 Tensile files in {library} (ROCm {shown})")
-    if version is None and not library.is_dir():
-        return fail("rocblas", f"no ROCm at {host.rocm_path}", "install ROCm 7.x (amdgpu-install "
-                    "--usecase=rocm), or set host.rocm_path in mi50d.toml")
-    dropped = " (ROCm >= 6.4 ships none)" if version and version >= TENSILE_DROPPED else ""
-    return fail("rocblas", f"rocBLAS in ROCm {shown} has no gfx906 Tensile files{dropped}: "
-                "llama-server would abort with \"Cannot read TensileLibrary.dat\"",
-                f"copy the *gfx906* files of a rocBLAS built for gfx906 (or ROCm 6.3's) into "
-                f"{library}")
+def rocblas_check(daemon: DaemonConfig, env: Mapping[str, str] | None = None) -> Check:
+    """rocBLAS's gfx906 Tensile files, where rocBLAS will look for them (`mi50d.host.rocm`):
+    AMD's ROCm >= 6.4 dropped them, and a HIP llama-server then aborts with "Cannot read
+    TensileLibrary.dat" at its first matrix multiply. `env` is the instance's environment (for
+    ROCBLAS_TENSILE_LIBPATH); None means this process's."""
+    env = os.environ if env is None else env
+    found = rocm.find_rocm(daemon.host.rocm_path, env)
+    library = rocm.tensile_library(found, env)
+    if library is None:
+        return fail("rocblas", f"no ROCm at {daemon.host.rocm_path} (nor in /usr, nor hipconfig "
+                    "on PATH)", "install ROCm 7.x (amdgpu-install --usecase=rocm, or the "
+                    "distribution's librocblas5), or set host.rocm_path in mi50d.toml")
+    what = found.describe() if found else f"{rocm.TENSILE_ENV}={library.path}"
+    if library.files:
+        return ok("rocblas", f"{len(library.files)} gfx906 Tensile files in {library.path} "
+                  f"({what})", library=str(library.path), files=len(library.files))
+    abort = "llama-server would abort with \"Cannot read TensileLibrary.dat\""
+    if library.reason == rocm.TENSILE_ENV:
+        return fail("rocblas", f"{rocm.TENSILE_ENV}={library.path} has no gfx906 Tensile files "
+                    f"(rocBLAS reads only that directory): {abort}",
+                    "point it at a directory holding *gfx906* Tensile files, or unset it")
+    version = found.version.parts if found and found.version else None
+    shown = str(found.version) if found and found.version else "unknown"
+    dropped = (" (ROCm >= 6.4 ships none)" if found and found.layout == "amd" and version
+               and version >= TENSILE_DROPPED else "")
+    where = "" if library.path.is_dir() else f" ({library.path} does not exist)"
+    return fail("rocblas", f"rocBLAS in ROCm {shown} has no gfx906 Tensile files{dropped}"
+                f"{where}: {abort}",
+                "mi50ctl tensile install PACKAGE_OR_DIR"
+                + (f" --rocm-path {found.prefix}" if found else "")
+                + " (a rocBLAS package built for gfx906, e.g. Debian's librocblas5 .deb)",
+                library=str(library.path))
