@@ -3,6 +3,8 @@ code, so the reader is checked against an independent writer)."""
 
 from __future__ import annotations
 
+import struct
+from collections.abc import Sequence
 from pathlib import Path
 
 import gguf
@@ -22,16 +24,19 @@ def _quantized(qtype: gguf.GGMLQuantizationType, rows: int, cols: int) -> np.nda
 def write_model(path: Path, *, n_layer: int = 2, n_embd: int = 256, n_head: int = 4,
                 n_head_kv: int = 2, n_vocab: int = 512, n_ctx_train: int = 4096,
                 qtype: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.Q8_0,
-                alignment: int | None = None, tied: bool = False) -> Path:
+                alignment: int | None = None, tied: bool = False,
+                block_count: int | None = None, per_layer_kv: bool = False) -> Path:
     """A llama-architecture model GGUF with the tensor shapes its metadata implies; `tied`
-    leaves out output.weight (the output reuses token_embd)."""
+    leaves out output.weight (the output reuses token_embd); `block_count` overrides the
+    header's layer count (the tensors stay those of `n_layer`); `per_layer_kv` writes
+    head_count_kv as one value per layer, as hybrid models do."""
     w = gguf.GGUFWriter(path, "llama")
-    w.add_block_count(n_layer)
+    w.add_uint64("llama.block_count", n_layer if block_count is None else block_count)
     w.add_context_length(n_ctx_train)
     w.add_embedding_length(n_embd)
     w.add_feed_forward_length(n_embd * 2)
     w.add_head_count(n_head)
-    w.add_head_count_kv(n_head_kv)
+    w.add_head_count_kv([n_head_kv] * n_layer if per_layer_kv else n_head_kv)
     w.add_vocab_size(n_vocab)
     w.add_array("tokenizer.ggml.tokens", [f"t{i}" for i in range(n_vocab)])
     if alignment is not None:
@@ -71,3 +76,45 @@ def _finish(w: gguf.GGUFWriter) -> None:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+# Crafted files, byte by byte, for the reader's bounds: headers that claim what no real model
+# does. Zero bytes read as empty strings, empty u8 arrays or u8 zeros, so a long run of them is
+# written as a hole (a sparse file: cheap to make, and read back as zeros).
+U8, U32, U64, STRING, ARRAY = 0, 4, 10, 8, 9
+
+
+def raw_string(text: str | bytes) -> bytes:
+    data = text.encode() if isinstance(text, str) else text
+    return struct.pack("<Q", len(data)) + data
+
+
+def raw_kv(key: str, kind: int, payload: bytes) -> bytes:
+    return raw_string(key) + struct.pack("<I", kind) + payload
+
+
+def raw_array(item_type: int, length: int, items: bytes = b"") -> bytes:
+    return struct.pack("<IQ", item_type, length) + items
+
+
+def raw_tensor(name: str, dims: tuple[int, ...], ggml_type: int = 0, offset: int = 0) -> bytes:
+    return (raw_string(name) + struct.pack("<I", len(dims))
+            + b"".join(struct.pack("<Q", d) for d in dims) + struct.pack("<IQ", ggml_type, offset))
+
+
+def write_raw(path: Path, kvs: Sequence[bytes], tensors: Sequence[bytes] = (), *,
+              n_kv: int | None = None, n_tensors: int | None = None, hole: int = 0,
+              after: bytes = b"") -> Path:
+    """A GGUF v3 header with these key/values and tensor infos (counts as given, or the real
+    ones), then `hole` zero bytes (sparse) and `after`."""
+    with path.open("wb") as f:
+        f.write(b"GGUF" + struct.pack("<IQQ", 3, len(tensors) if n_tensors is None else n_tensors,
+                                      len(kvs) if n_kv is None else n_kv))
+        for kv in kvs:
+            f.write(kv)
+        for t in tensors:
+            f.write(t)
+        f.seek(hole, 1)
+        f.write(after)
+        f.truncate()
+    return path

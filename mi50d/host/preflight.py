@@ -78,9 +78,13 @@ def run_preflight(inst: InstanceConfig, daemon: DaemonConfig, account: Account |
             checks.append(device_access_check(selected, daemon, account))
             checks.append(_rocblas(selected, daemon))
     if selected and model is not None:
-        est = estimate(inst, model, mmproj_size, n_gpus=len(selected))
-        held = {o.name: o.vram for o in others if o.name != inst.name and o.vram}
-        checks.append(check_fit(est, selected, held, force=inst.force_vram))
+        try:
+            est = estimate(inst, model, mmproj_size, n_gpus=len(selected))
+        except GGUFError as exc:
+            checks.append(fail("vram", f"{inst.model}: {exc}", "download or copy it again"))
+        else:
+            held = {o.name: o.vram for o in others if o.name != inst.name and o.vram}
+            checks.append(check_fit(est, selected, held, force=inst.force_vram))
     return checks
 
 

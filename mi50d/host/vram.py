@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 from mi50d.config import InstanceConfig
 from mi50d.host.checks import Check, fail, ok, skip, warn
-from mi50d.host.ggufmeta import GGUFInfo
+from mi50d.host.ggufmeta import GGUFError, GGUFInfo
 from mi50d.host.gpus import Gpu
 
 MiB = 1 << 20
@@ -50,6 +50,7 @@ N_UBATCH = 512
 N_SEQ = 4
 CTX_PAD = 256
 OVERHEAD_PER_GPU = 384 * MiB
+MAX_LAYERS = 512  # llama.cpp's LLAMA_MAX_LAYERS: the estimate's work is bounded by it
 _LAYER = re.compile(r"^blk\.(\d+)\.")
 # e.g. "load_tensors:   CPU_Mapped model buffer size =    70.31 MiB", possibly after a
 # "0.00.012.255 I " timestamp prefix; kinds: model, KV, compute, output, RS.
@@ -118,8 +119,12 @@ def context_size(inst: InstanceConfig, model: GGUFInfo) -> int:
 
 def estimate(inst: InstanceConfig, model: GGUFInfo, mmproj_bytes: int = 0,
              n_gpus: int = 1) -> Estimate:
-    """The formula in the module docstring; `n_gpus` 0 means a CPU-only instance."""
+    """The formula in the module docstring; `n_gpus` 0 means a CPU-only instance. Raises
+    GGUFError for a block_count llama.cpp would refuse (its work and memory follow that count)."""
     n_layer = model.arch_int("block_count") or 0
+    if not 0 <= n_layer <= MAX_LAYERS:
+        raise GGUFError(f"{model.architecture}.block_count = {n_layer}, but llama.cpp allows "
+                        f"0 to {MAX_LAYERS} layers: corrupt")
     offloaded = gpu_layer_count(inst.n_gpu_layers, n_layer) if n_gpus else 0
     first_gpu_layer = n_layer - min(offloaded, n_layer)
     output_on_gpu = offloaded > n_layer
