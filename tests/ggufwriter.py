@@ -31,7 +31,11 @@ def write_model(path: Path, *, n_layer: int = 2, n_embd: int = 256, n_head: int 
     header's layer count (the tensors stay those of `n_layer`); `per_layer_kv` writes
     head_count_kv as one value per layer, as hybrid models do."""
     w = gguf.GGUFWriter(path, "llama")
-    w.add_uint64("llama.block_count", n_layer if block_count is None else block_count)
+    layers = n_layer if block_count is None else block_count
+    if layers < 1 << 32:
+        w.add_block_count(layers)  # u32, as llama.cpp expects
+    else:
+        w.add_uint64("llama.block_count", layers)
     w.add_context_length(n_ctx_train)
     w.add_embedding_length(n_embd)
     w.add_feed_forward_length(n_embd * 2)

@@ -33,6 +33,7 @@ from mi50d.host.vram import check_fit, estimate
 VERSION_TIMEOUT_S = 30.0
 DEVICES_TIMEOUT_S = 60.0
 TENSILE_DROPPED = (6, 4)  # the first ROCm whose rocBLAS ships no gfx906 Tensile files
+MAX_DEVICE_LINE = 512  # a device line is ~60 characters; longer ones are not parsed
 _DEVICE_LINE = re.compile(r"^\s+(?P<name>\S+): (?P<desc>.*?) \((?P<total>\d+) MiB, "
                           r"(?P<free>\d+) MiB free\)")
 
@@ -136,7 +137,7 @@ def parse_devices(output: str) -> list[dict[str, object]]:
     16348 MiB free)" as dicts; [] for "(none)"."""
     found: list[dict[str, object]] = []
     for line in output.splitlines():
-        m = _DEVICE_LINE.match(line)
+        m = _DEVICE_LINE.match(line) if len(line) <= MAX_DEVICE_LINE else None
         if m:
             found.append({"name": m["name"], "description": m["desc"],
                           "total_mib": int(m["total"]), "free_mib": int(m["free"])})

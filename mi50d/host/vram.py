@@ -54,9 +54,13 @@ MAX_LAYERS = 512  # llama.cpp's LLAMA_MAX_LAYERS: the estimate's work is bounded
 _LAYER = re.compile(r"^blk\.(\d+)\.")
 # e.g. "load_tensors:   CPU_Mapped model buffer size =    70.31 MiB", possibly after a
 # "0.00.012.255 I " timestamp prefix; kinds: model, KV, compute, output, RS.
+# Linear in the line's length: the look-behind starts `func` only at the start of a word, and the
+# possessive quantifiers never hand characters back (`\w+` alone retried from every position of a
+# long word, quadratic: 64 KiB of letters took 10 s). Lines are scanned up to MAX_SCAN characters.
 _BUFFER = re.compile(
-    r"(?P<func>\w+): +(?P<device>\S+) +(?P<kind>model|KV|compute|output|RS) buffer size "
-    r"= +(?P<mib>[0-9.]+) MiB")
+    r"(?<!\w)(?P<func>\w++): +(?P<device>\S++) +(?P<kind>model|KV|compute|output|RS) buffer "
+    r"size = +(?P<mib>[0-9.]++) MiB")
+MAX_SCAN = 4096
 _GPU_DEVICE = re.compile(r"^(?:ROCm|CUDA|HIP)(\d+)")
 
 
@@ -237,7 +241,9 @@ def parse_buffers(lines: Iterable[str]) -> Measured:
     other buffer lines starts a new load (llama-server may load twice, e.g. to fit memory)."""
     current: list[Buffer] = []
     for line in lines:
-        m = _BUFFER.search(line)
+        if "buffer size" not in line:
+            continue
+        m = _BUFFER.search(line[:MAX_SCAN])
         if not m:
             continue
         buf = Buffer(m.group("kind"), m.group("device"), round(float(m.group("mib")) * MiB))
