@@ -24,7 +24,8 @@ from mi50d.host import gpus as gpumod
 from mi50d.host.access import account_name, check_access, run_as
 from mi50d.host.accounts import Account
 from mi50d.host.checks import Check, fail, ok, skip, warn
-from mi50d.host.diagnose import diagnose_line
+from mi50d.host.diagnose import diagnose
+from mi50d.host.files import file_problem
 from mi50d.host.ggufmeta import GGUFError, GGUFInfo, read_gguf
 from mi50d.host.mounts import MountinfoError, foreign_hint, mount_of, noexec_fix, read_mounts
 from mi50d.host.mountunits import ensure_mounted
@@ -102,14 +103,11 @@ def _binary(inst: InstanceConfig, daemon: DaemonConfig, account: Account | None,
             run_binary: bool) -> list[Check]:
     binary = inst.binary(daemon)
     user = account_name(account)
-    try:
-        st = binary.stat()
-    except OSError as exc:
-        return [fail("binary", f"{binary}: {exc.strerror}",
-                     "build it with mi50ctl build-llama, or set llama_server in mi50d.toml")]
-    if not stat.S_ISREG(st.st_mode):
-        return [fail("binary", f"{binary} is not a regular file", "point llama_server at the "
-                     "llama-server executable")]
+    problem = file_problem(binary, "llama_server", "the llama-server executable",
+                           "build it with mi50ctl build-llama, or set llama_server in mi50d.toml",
+                           account_name(None))
+    if problem:
+        return [fail("binary", problem.message, problem.fix)]
     noexec, fix = _mount_note(binary, daemon)
     if noexec:
         return [fail("binary", f"{binary} is on a noexec mount", fix)]
@@ -122,11 +120,11 @@ def _binary(inst: InstanceConfig, daemon: DaemonConfig, account: Account | None,
     env = inst.environment(os.environ)
     version = run_as(account, [str(binary), "--version"], env, VERSION_TIMEOUT_S)
     if not version.ok:
-        known = diagnose_line(version.output)
+        known = diagnose(version.output.splitlines())
         return [fail("binary", f"{binary} --version failed: {version.last_line()}",
-                     known.fix if known else f"run {binary} --version as {user} to see why")]
-    checks = [ok("binary", f"{binary} runs: {version.output.strip().splitlines()[0]}",
-                 version=version.output.strip())]
+                     known[0].fix if known else f"run {binary} --version as {user} to see why")]
+    first = (version.output.strip().splitlines() or ["(no output)"])[0][:200]
+    checks = [ok("binary", f"{binary} runs: {first}", version=version.output.strip()[:4096])]
     if expects_gpu(inst):
         checks.append(_listed_devices(inst, daemon, account, binary, env))
     return checks
@@ -168,9 +166,11 @@ def _listed_devices(inst: InstanceConfig, daemon: DaemonConfig, account: Account
 def _gguf(path: Path, name: str, daemon: DaemonConfig, account: Account | None,
           want_mmproj: bool) -> tuple[Check, GGUFInfo | None]:
     user = account_name(account)
-    if not path.exists():
-        return fail(name, f"{path} does not exist", "fix the path; if it is on a disk that "
-                    "mounts late, add requires_mounts = [\"/its/mount/point\"]"), None
+    problem = file_problem(path, name, "the .gguf file", "fix the path; if it is on a disk "
+                           "that mounts late, add requires_mounts = [\"/its/mount/point\"]",
+                           account_name(None))
+    if problem:
+        return fail(name, problem.message, problem.fix), None
     (denied,) = check_access(account, [(path, "r")])
     if denied:
         return fail(name, f"{user} cannot read {path}: {denied}",
@@ -268,17 +268,25 @@ def device_access_check(selected: Sequence[gpumod.Gpu], daemon: DaemonConfig,
                    account: Account | None) -> Check:
     user = account_name(account)
     nodes = [daemon.host.dev_root / "kfd", *(g.render_node for g in selected)]
-    absent = [n for n in nodes if not n.exists()]
-    if absent:
-        return fail("device access", f"{absent[0]} does not exist",
-                    "load the amdgpu driver (modprobe amdgpu) and check dmesg")
+    for node in nodes:
+        try:
+            os.stat(node)
+        except FileNotFoundError:
+            return fail("device access", f"{node} does not exist",
+                        "load the amdgpu driver (modprobe amdgpu) and check dmesg")
+        except OSError as exc:
+            return fail("device access", f"{node}: {exc.strerror}",
+                        "check the device nodes and host.dev_root in mi50d.toml")
     denied = [(n, e) for n, e in zip(nodes, check_access(account, [(n, "rw") for n in nodes]),
                                      strict=True) if e]
     if denied:
         node, why = denied[0]
-        st = node.stat()
-        return fail("device access", f"{user} cannot open {node} ({why}; mode "
-                    f"{stat.filemode(st.st_mode)} gid {st.st_gid})",
+        try:
+            st = node.stat()
+            mode = f"; mode {stat.filemode(st.st_mode)} gid {st.st_gid}"
+        except OSError:
+            mode = ""
+        return fail("device access", f"{user} cannot open {node} ({why}{mode})",
                     f"usermod -aG render,video {user}, and a udev rule giving {node.name} "
                     "group render mode 0660")
     return ok("device access", f"{user} can open {', '.join(str(n) for n in nodes)}")
