@@ -25,17 +25,21 @@ def write_model(path: Path, *, n_layer: int = 2, n_embd: int = 256, n_head: int 
                 n_head_kv: int = 2, n_vocab: int = 512, n_ctx_train: int = 4096,
                 qtype: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.Q8_0,
                 alignment: int | None = None, tied: bool = False,
-                block_count: int | None = None, per_layer_kv: bool = False) -> Path:
+                block_count: int | None = None, per_layer_kv: bool = False,
+                arch: str = "llama", deepstack: int | None = None) -> Path:
     """A llama-architecture model GGUF with the tensor shapes its metadata implies; `tied`
     leaves out output.weight (the output reuses token_embd); `block_count` overrides the
     header's layer count (the tensors stay those of `n_layer`); `per_layer_kv` writes
-    head_count_kv as one value per layer, as hybrid models do."""
-    w = gguf.GGUFWriter(path, "llama")
+    head_count_kv as one value per layer, as hybrid models do; `arch` names the architecture
+    (e.g. "qwen3vl", with `deepstack` as its n_deepstack_layers)."""
+    w = gguf.GGUFWriter(path, arch)
     layers = n_layer if block_count is None else block_count
     if layers < 1 << 32:
         w.add_block_count(layers)  # u32, as llama.cpp expects
     else:
-        w.add_uint64("llama.block_count", layers)
+        w.add_uint64(f"{arch}.block_count", layers)
+    if deepstack is not None:
+        w.add_uint32(f"{arch}.n_deepstack_layers", deepstack)
     w.add_context_length(n_ctx_train)
     w.add_embedding_length(n_embd)
     w.add_feed_forward_length(n_embd * 2)
@@ -62,15 +66,24 @@ def write_model(path: Path, *, n_layer: int = 2, n_embd: int = 256, n_head: int 
     return path
 
 
-def write_mmproj(path: Path) -> Path:
-    """An mmproj-like GGUF: `general.type = mmproj`, clip.* keys, a few vision tensors."""
+def write_mmproj(path: Path, *, n_embd: int = 256, deepstack: int = 0,
+                 projector: str = "qwen3vl_merger") -> Path:
+    """An mmproj GGUF laid out as llama.cpp's clip.cpp reads a Qwen-VL merger: `general.type =
+    mmproj`, clip.* keys, vision tensors, the merger's mm.0 / mm.2 (whose bias is `n_embd` long)
+    and `deepstack` deepstack layers (v.deepstack.N.*)."""
     w = gguf.GGUFWriter(path, "clip")
     w.add_type("mmproj")
     w.add_bool("clip.has_vision_encoder", True)
     w.add_uint32("clip.vision.embedding_length", 64)
-    w.add_string("clip.projector_type", "qwen3vl_merger")
+    w.add_string("clip.projector_type", projector)
     w.add_tensor("v.patch_embd.weight", np.zeros((64, 48), dtype=np.float16))
     w.add_tensor("mm.0.weight", np.zeros((128, 64), dtype=np.float32))
+    w.add_tensor("mm.0.bias", np.zeros(128, dtype=np.float32))
+    w.add_tensor("mm.2.weight", np.zeros((n_embd, 128), dtype=np.float16))  # ne = [128, n_embd]
+    w.add_tensor("mm.2.bias", np.zeros(n_embd, dtype=np.float32))
+    for i in range(deepstack):
+        w.add_tensor(f"v.deepstack.{i}.fc1.weight", np.zeros((128, 64), dtype=np.float16))
+        w.add_tensor(f"v.deepstack.{i}.fc2.weight", np.zeros((n_embd, 128), dtype=np.float16))
     _finish(w)
     return path
 

@@ -365,3 +365,48 @@ def test_a_child_that_prints_forever_is_kept_to_max_output(world: Path) -> None:
 def test_a_check_that_cannot_finish_does_not_quote_its_script(world: Path) -> None:
     (problem,) = check_access(nobody(), [(world, "r")], timeout_s=0.001)
     assert problem == "cannot check as nobody: did not finish within 0 s"
+
+
+# --- the projector's width against the model's (the guide's 32B server with the 8B mmproj) -----
+
+def test_qwen3vl_projector_width_counts_its_deepstack_layers(world: Path) -> None:
+    # Qwen3-VL: the merger's output (mm.2.bias) is sent once plus once per deepstack layer, and
+    # the text model takes embedding_length * (1 + n_deepstack_layers); here 256 * 4 on both sides
+    binary = daemon(script(world / "s"))
+    model = write_model(world / "vl.gguf", arch="qwen3vl", n_embd=256, deepstack=3)
+    mmproj = write_mmproj(world / "mmproj-vl.gguf", n_embd=256, deepstack=3)
+    check = by_name(run_preflight(inst(model, mmproj=mmproj), binary, nobody()))["projector"]
+    assert check.status == "ok", check.line()
+    assert check.message == "qwen3vl_merger projector makes 1024-wide embeddings, as vl.gguf takes"
+
+
+def test_a_projector_of_another_model_size_is_refused(world: Path) -> None:
+    # the guide's mistake, scaled down: the "32B" model is 320 wide, its mmproj is the "8B" one
+    binary = daemon(script(world / "s"))
+    big = write_model(world / "32b.gguf", arch="qwen3vl", n_embd=320, n_head=4, n_head_kv=2,
+                      deepstack=3)
+    small = write_mmproj(world / "mmproj-8b.gguf", n_embd=256, deepstack=3)
+    check = by_name(run_preflight(inst(big, mmproj=small), binary, nobody()))["projector"]
+    assert check.status == "fail"
+    assert check.message == (
+        "mmproj-8b.gguf makes 1024 (width 256 x (1 + 3 deepstack))-wide embeddings, but 32b.gguf "
+        "(qwen3vl) takes 1280 (embedding_length 320 x (1 + 3 deepstack)): llama-server would "
+        "refuse it (\"mismatch between text model and mmproj\"); a projector of another model "
+        "size?")
+    assert check.fix is not None and "projector published with this model" in check.fix
+    # deepstack counts that differ are a mismatch too, though the base widths agree
+    other = write_mmproj(world / "mmproj-2.gguf", n_embd=320, deepstack=2)
+    assert by_name(run_preflight(inst(big, mmproj=other), binary, nobody()))[
+        "projector"].status == "fail"
+
+
+def test_projector_types_whose_width_mi50d_cannot_compute_are_skipped(world: Path) -> None:
+    binary = daemon(script(world / "s"))
+    model = write_model(world / "m.gguf", n_embd=320, n_head=4, n_head_kv=2)
+    mmproj = write_mmproj(world / "mmproj-g.gguf", n_embd=256, projector="gemma3")
+    check = by_name(run_preflight(inst(model, mmproj=mmproj), binary, nobody()))["projector"]
+    assert check.status == "skip" and check.message == "gemma3 projector: width not checked"
+    qwen25 = write_mmproj(world / "mmproj-25.gguf", n_embd=256, deepstack=2,
+                          projector="qwen2.5vl_merger")  # deepstack is qwen3vl's alone
+    check = by_name(run_preflight(inst(model, mmproj=qwen25), binary, nobody()))["projector"]
+    assert check.status == "fail" and "makes 256-wide" in check.message

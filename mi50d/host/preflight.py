@@ -27,6 +27,7 @@ from mi50d.host.checks import Check, fail, ok, skip, warn
 from mi50d.host.diagnose import diagnose
 from mi50d.host.files import file_problem
 from mi50d.host.ggufmeta import GGUFError, GGUFInfo, read_gguf
+from mi50d.host.mmproj import projector_check
 from mi50d.host.mounts import MountinfoError, foreign_hint, mount_of, noexec_fix, read_mounts
 from mi50d.host.mountunits import ensure_mounted
 from mi50d.host.vram import check_fit, estimate
@@ -71,6 +72,8 @@ def run_preflight(inst: InstanceConfig, daemon: DaemonConfig, account: Account |
         mmproj_check, mmproj = _gguf(inst.mmproj, "mmproj", daemon, account, want_mmproj=True)
         checks.append(mmproj_check)
         mmproj_size = mmproj.file_size if mmproj else 0
+        if model is not None and mmproj is not None:
+            checks.append(projector_check(model, mmproj, inst.mmproj))
     checks.append(_port(inst, account, others))
     selected: list[gpumod.Gpu] = []
     if expects_gpu(inst):
