@@ -316,8 +316,8 @@ def test_a_directory_the_daemon_cannot_search_is_a_failed_check_not_an_exception
     model = write_model(locked / "m.gguf")
     done = subprocess.run([sys.executable, "-c", _AS_NOBODY, str(model),
                            str(script(world / "llama-server"))], capture_output=True, text=True,
-                          check=False, user="nobody", cwd=Path(__file__).parent.parent,
-                          timeout=120)
+                          check=False, user="nobody", group=65534, extra_groups=[],
+                          cwd=Path(__file__).parent.parent, timeout=120)
     assert done.returncode == 0, done.stderr
     status, message, fix = json.loads(done.stdout)["model"]
     assert status == "fail"
