@@ -7,7 +7,6 @@ This module owns turning a directory into a `Config` or one `ConfigError`; it ne
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 import stat
@@ -35,6 +34,7 @@ from mi50d.configtypes import (
     PositiveSeconds,
     Seconds,
     Text,
+    describe_errors,
     shown,
 )
 
@@ -143,6 +143,16 @@ class InstanceSettings(_Model):
             'use a number of layers (0 or more), "auto" or "all" '
             '(in current llama.cpp -1 means "auto", not "all")'
         )
+
+    @field_validator("gpus")
+    @classmethod
+    def _distinct_gpus(cls, value: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if value is not None and not value:
+            raise ValueError("[] selects no GPU; list GPU indices, or remove gpus and set "
+                             "n_gpu_layers = 0 to run on the CPU")
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError(f"{list(value)} names a GPU twice; list each index once")
+        return value
 
     @model_validator(mode="after")
     def _one_gpu_selector(self) -> InstanceSettings:
@@ -272,52 +282,6 @@ def _read_toml(path: Path, problems: list[str]) -> dict[str, Any] | None:
     return None
 
 
-_TYPE_ERRORS = frozenset({"int_type", "bool_type", "float_type", "string_type"})
-
-
-def _describe(path: Path, exc: ValidationError, model: type[BaseModel],
-              prefix: tuple[str, ...] = ()) -> list[str]:
-    lines = []
-    for err in exc.errors():
-        where = err["loc"]
-        if where[-1:] == ("[key]",):  # a bad key of a table such as env
-            where = where[:-1]
-        loc = shown(".".join(str(p) or '""' for p in (*prefix, *where))) or "(file)"
-        kind = err["type"]
-        if kind == "extra_forbidden":
-            known = _known_keys(model, err["loc"][:-1])
-            close = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
-            hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(known)}"
-            lines.append(f"{shown(path.name)}: {loc}: unknown key; {hint}")
-        elif kind == "missing":
-            lines.append(f"{shown(path.name)}: {loc}: required key is missing; "
-                         f"add `{loc} = ...`")
-        else:
-            msg = shown(err["msg"].removeprefix("Value error, "))
-            if kind in _TYPE_ERRORS:
-                got = err["input"]
-                msg += f" (got {type(got).__name__} {shown(repr(got)[:40])})"
-                if kind == "bool_type":
-                    msg += "; write true or false, without quotes"
-                elif isinstance(got, str):
-                    msg += "; write the number without quotes"
-                elif kind == "int_type" and isinstance(got, float):
-                    msg += "; write a whole number"
-            lines.append(f"{shown(path.name)}: {loc}: {msg}")
-    return lines
-
-
-def _known_keys(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
-    for part in loc:
-        field = model.model_fields.get(str(part))
-        annotation = field.annotation if field else None
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            model = annotation
-        else:
-            return []
-    return sorted(model.model_fields)
-
-
 def _merge_defaults(defaults: Mapping[str, Any], own: Mapping[str, Any]) -> dict[str, Any]:
     """Instance keys over `[defaults]`; sub-tables ([restart], [health], [stop], env) merge by key."""
     merged = dict(defaults)
@@ -340,7 +304,7 @@ def _valid_defaults(path: Path, defaults: Mapping[str, Any]) -> tuple[dict[str, 
         bad = {str(e["loc"][0]) for e in exc.errors() if e["loc"]}
         whole = any(not e["loc"] for e in exc.errors())
         good = {} if whole else {k: v for k, v in defaults.items() if k not in bad}
-        return good, _describe(path, exc, InstanceSettings, ("defaults",))
+        return good, describe_errors(path, exc, InstanceSettings, ("defaults",))
     return dict(defaults), []
 
 
@@ -353,7 +317,7 @@ def load_daemon_config(directory: Path) -> DaemonConfig:
     try:
         return DaemonConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_describe(path, exc, DaemonConfig)) from None
+        raise ConfigError(describe_errors(path, exc, DaemonConfig)) from None
 
 
 def load_config(directory: Path) -> Config:
@@ -387,7 +351,7 @@ def load_config(directory: Path) -> Config:
             InstanceSettings.model_validate(data)
             instances[name] = InstanceConfig.model_validate({**data, "name": name, "source": path})
         except ValidationError as exc:
-            problems += _describe(path, exc, InstanceSettings)
+            problems += describe_errors(path, exc, InstanceSettings)
     problems += _port_clashes(instances)
     if problems:
         raise ConfigError(problems)

@@ -1,18 +1,20 @@
 """The value types of the configuration, each checked strictly as pydantic validates: no NUL
 bytes in anything that becomes an argument, path or environment entry, absolute paths, host names
 llama-server can bind, and no string-to-number or string-to-bool coercion (`port = "8080"` is an
-error, not 8080). A leaf, like `mi50d.config` which is built from these.
+error, not 8080); and how pydantic's errors read as `file: key: problem; fix` lines. A leaf, like
+`mi50d.config` which is built from these.
 """
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import re
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import AfterValidator, BeforeValidator, Field, Strict
+from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, Strict, ValidationError
 
 _LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
@@ -78,3 +80,51 @@ def shown(text: str) -> str:
     """`text` safe to print on one line: undecodable bytes and control characters escaped."""
     text = os.fsencode(text).decode("utf-8", "backslashreplace")
     return text if text.isprintable() else repr(text)[1:-1]
+
+
+_TYPE_ERRORS = frozenset({"int_type", "bool_type", "float_type", "string_type"})
+
+
+def describe_errors(path: Path, exc: ValidationError, model: type[BaseModel],
+                    prefix: tuple[str, ...] = ()) -> list[str]:
+    """One `file: key: problem; fix` line per error of `model` validating `path`'s table
+    (`prefix`: where that table sits in the file)."""
+    lines = []
+    for err in exc.errors():
+        where = err["loc"]
+        if where[-1:] == ("[key]",):  # a bad key of a table such as env
+            where = where[:-1]
+        loc = shown(".".join(str(p) or '""' for p in (*prefix, *where))) or "(file)"
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            known = known_keys(model, err["loc"][:-1])
+            close = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(known)}"
+            lines.append(f"{shown(path.name)}: {loc}: unknown key; {hint}")
+        elif kind == "missing":
+            lines.append(f"{shown(path.name)}: {loc}: required key is missing; "
+                         f"add `{loc} = ...`")
+        else:
+            msg = shown(err["msg"].removeprefix("Value error, "))
+            if kind in _TYPE_ERRORS:
+                got = err["input"]
+                msg += f" (got {type(got).__name__} {shown(repr(got)[:40])})"
+                if kind == "bool_type":
+                    msg += "; write true or false, without quotes"
+                elif isinstance(got, str):
+                    msg += "; write the number without quotes"
+                elif kind == "int_type" and isinstance(got, float):
+                    msg += "; write a whole number"
+            lines.append(f"{shown(path.name)}: {loc}: {msg}")
+    return lines
+
+
+def known_keys(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        else:
+            return []
+    return sorted(model.model_fields)
