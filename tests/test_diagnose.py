@@ -116,6 +116,13 @@ RECORDED = {
         "/var/lib/mi50d/llama/current/bin/llama-server: error while loading shared libraries: "
         "libhipblas.so.3: cannot open shared object file: No such file or directory",
     ],
+    # mtmd.cpp's message (its format string) for the guide's 32B model with the 8B projector:
+    # 4096 x (1 + 3 deepstack) against 5120 x (1 + 3)
+    "mmproj_mismatch": [
+        "mtmd_init_from_file: error: mismatch between text model (n_embd = 20480) and mmproj "
+        "(n_embd = 16384)",
+        "hint: you may be using wrong mmproj",
+    ],
     "cpu_only": [
         "load_tensors: offloaded 0/25 layers to GPU",
         "load_tensors:   CPU_Mapped model buffer size = 11536.18 MiB",

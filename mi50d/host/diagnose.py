@@ -3,8 +3,9 @@
 The signatures are the messages real builds print: llama.cpp's own (server-http.cpp "couldn't bind
 HTTP server socket", gguf.cpp "failed to open GGUF file", ggml-cuda.cu "cudaMalloc failed: out of
 memory" and "<backend> error: invalid device function", "ggml_cuda_init: failed to initialize
-ROCm"), and those of the ROCm libraries under it (rocBLAS "Cannot read ... TensileLibrary.dat",
-ROCr "HSA_STATUS_ERROR_*", "HW Exception by GPU node-N ... reason :GPU Hang").
+ROCm", mtmd.cpp "mismatch between text model ... and mmproj"), and those of the ROCm libraries
+under it (rocBLAS "Cannot read ... TensileLibrary.dat", ROCr "HSA_STATUS_ERROR_*", "HW Exception
+by GPU node-N ... reason :GPU Hang").
 Some are not errors but a silent CPU fallback: /health answers 200 while every layer runs on the
 CPU. Those diagnoses are `degraded`, for instances that asked for GPUs.
 This module owns the table and matching; it is pure (lines in, diagnoses out).
@@ -109,6 +110,13 @@ SIGNATURES: tuple[_Signature, ...] = (
          r"tensor '(?P<tensor>[^']*)' data is not within the file bounds",
          "the model file is truncated (tensor {tensor} lies beyond its end)",
          "download or copy it again; mi50ctl check NAME verifies the size"),
+    _sig("mmproj_mismatch",
+         r"mismatch between text model \(n_embd = (?P<text>\d+)\) and mmproj "
+         r"\(n_embd = (?P<mmproj>\d+)\)",
+         "the mmproj makes {mmproj}-wide embeddings but the model takes {text}: a projector "
+         "of another model",
+         "set mmproj to the projector published with this model (mi50ctl check NAME compares "
+         "the two headers)"),
     _sig("model_invalid",
          r"error loading model: (?:llama_model_loader: )?(?P<why>.*)|"
          r"(?P<header>failed to read header|invalid magic characters|failed to read magic)",
