@@ -68,22 +68,51 @@ def write_model(path: Path, *, n_layer: int = 2, n_embd: int = 256, n_head: int 
 
 def write_mmproj(path: Path, *, n_embd: int = 256, deepstack: int = 0,
                  projector: str = "qwen3vl_merger") -> Path:
-    """An mmproj GGUF laid out as llama.cpp's clip.cpp reads a Qwen-VL merger: `general.type =
-    mmproj`, clip.* keys, vision tensors, the merger's mm.0 / mm.2 (whose bias is `n_embd` long)
-    and `deepstack` deepstack layers (v.deepstack.N.*)."""
+    """A tiny vision projector that llama-server's clip loader accepts (with --no-warmup), laid
+    out as clip.cpp reads a Qwen-VL merger: clip.* keys, a 2-block vision tower of width 32, the
+    merger mm.0 / mm.2 whose output (mm.2.bias) is `n_embd` long, and `deepstack` deepstack
+    layers (v.deepstack.N.*, N below the tower's block count)."""
+    width, ff, blocks, merged = 32, 64, max(2, deepstack), 4 * 32  # spatial merge 2x2
     w = gguf.GGUFWriter(path, "clip")
     w.add_type("mmproj")
     w.add_bool("clip.has_vision_encoder", True)
-    w.add_uint32("clip.vision.embedding_length", 64)
+    w.add_bool("clip.use_gelu", True)
     w.add_string("clip.projector_type", projector)
-    w.add_tensor("v.patch_embd.weight", np.zeros((64, 48), dtype=np.float16))
-    w.add_tensor("mm.0.weight", np.zeros((128, 64), dtype=np.float32))
-    w.add_tensor("mm.0.bias", np.zeros(128, dtype=np.float32))
-    w.add_tensor("mm.2.weight", np.zeros((n_embd, 128), dtype=np.float16))  # ne = [128, n_embd]
-    w.add_tensor("mm.2.bias", np.zeros(n_embd, dtype=np.float32))
+    for key, value in {"embedding_length": width, "feed_forward_length": ff,
+                       "block_count": blocks, "projection_dim": n_embd,
+                       "attention.head_count": 2, "image_size": 64, "patch_size": 16,
+                       "spatial_merge_size": 2}.items():
+        w.add_uint32(f"clip.vision.{key}", value)
+    w.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)
+    w.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
+    w.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
+
+    def add(name: str, *shape: int) -> None:  # numpy order: the last dimension is ne[0]
+        w.add_tensor(name, np.zeros(shape, dtype=np.float32))
+
+    add("v.patch_embd.weight", width, 3, 16, 16)
+    add("v.patch_embd.weight.1", width, 3, 16, 16)
+    add("v.patch_embd.bias", width)
+    add("v.position_embd.weight", 16, width)
+    for i in range(blocks):
+        for name, shape in (("attn_qkv.weight", (3 * width, width)), ("attn_qkv.bias", (3 * width,)),
+                            ("attn_out.weight", (width, width)), ("attn_out.bias", (width,)),
+                            ("ln1.weight", (width,)), ("ln1.bias", (width,)),
+                            ("ln2.weight", (width,)), ("ln2.bias", (width,)),
+                            ("ffn_up.weight", (ff, width)), ("ffn_up.bias", (ff,)),
+                            ("ffn_down.weight", (width, ff)), ("ffn_down.bias", (width,))):
+            add(f"v.blk.{i}.{name}", *shape)
     for i in range(deepstack):
-        w.add_tensor(f"v.deepstack.{i}.fc1.weight", np.zeros((128, 64), dtype=np.float16))
-        w.add_tensor(f"v.deepstack.{i}.fc2.weight", np.zeros((n_embd, 128), dtype=np.float16))
+        for name, shape in (("norm.weight", (merged,)), ("norm.bias", (merged,)),
+                            ("fc1.weight", (merged, merged)), ("fc1.bias", (merged,)),
+                            ("fc2.weight", (n_embd, merged)), ("fc2.bias", (n_embd,))):
+            add(f"v.deepstack.{i}.{name}", *shape)
+    add("v.post_ln.weight", width)
+    add("v.post_ln.bias", width)
+    add("mm.0.weight", merged, merged)
+    add("mm.0.bias", merged)
+    add("mm.2.weight", n_embd, merged)
+    add("mm.2.bias", n_embd)
     _finish(w)
     return path
 

@@ -410,3 +410,35 @@ def test_projector_types_whose_width_mi50d_cannot_compute_are_skipped(world: Pat
                           projector="qwen2.5vl_merger")  # deepstack is qwen3vl's alone
     check = by_name(run_preflight(inst(model, mmproj=qwen25), binary, nobody()))["projector"]
     assert check.status == "fail" and "makes 256-wide" in check.message
+
+
+@pytest.mark.llama
+@pytest.mark.parametrize("deepstack", [0, 1])
+def test_the_real_llama_server_agrees_with_the_projector_check(
+        world: Path, tiny_model: Path, deepstack: int) -> None:
+    # The tiny model is 64 wide. A projector with a 64-long mm.2.bias fits; with one deepstack
+    # layer it makes 64 * 2 and llama-server refuses it, as the check says before any start.
+    real = llama_server()
+    mmproj = write_mmproj(world / "mmproj.gguf", n_embd=64, deepstack=deepstack)
+    check = by_name(run_preflight(inst(tiny_model, mmproj=mmproj), daemon(real), None,
+                                  run_binary=False))["projector"]
+    argv = [str(real), "-m", str(tiny_model), "--mmproj", str(mmproj), "--no-warmup",
+            "-c", "256", "--port", str(free_port())]
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          stdin=subprocess.DEVNULL) as server:
+        assert server.stdout is not None
+        try:  # read until it listens or exits (pytest-timeout bounds a server that does neither)
+            lines = []
+            for line in server.stdout:
+                lines.append(line)
+                if "listening on" in line:
+                    break
+        finally:
+            server.kill()
+    refused = [line for line in lines if "mismatch between text model" in line]
+    if deepstack:
+        assert check.status == "fail" and "makes 128 (width 64 x (1 + 1 deepstack))" in check.message
+        assert refused and "(n_embd = 64) and mmproj (n_embd = 128)" in refused[0], lines[-5:]
+    else:
+        assert check.status == "ok", check.line()
+        assert not refused and "listening on" in lines[-1], lines[-5:]
