@@ -97,9 +97,9 @@ def check_access(account: Account | None, requests: Sequence[tuple[Path, Mode]],
     # account that may not be able to read this package.
     payload = json.dumps([[str(p), m] for p, m in requests])
     done = run_as(account, [sys.executable, "-I", "-S", "-c", _CHILD, payload], {}, timeout_s)
-    try:
-        result = json.loads(done.output) if done.ok else None
-    except ValueError:
+    try:  # the last line: stderr (warnings) shares the pipe
+        result = json.loads(done.output.strip().splitlines()[-1]) if done.ok else None
+    except (ValueError, IndexError):
         result = None
     if not isinstance(result, list) or len(result) != len(requests):
         why = done.last_line() if done.returncode is not None else done.output
