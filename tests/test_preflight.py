@@ -442,3 +442,12 @@ def test_the_real_llama_server_agrees_with_the_projector_check(
     else:
         assert check.status == "ok", check.line()
         assert not refused and "listening on" in lines[-1], lines[-5:]
+
+
+def test_only_qwen3vl_models_read_their_deepstack_count(world: Path) -> None:
+    # llama.cpp's llama architecture ignores an n_deepstack_layers key: its input stays 256 wide
+    binary = daemon(script(world / "s"))
+    model = write_model(world / "m.gguf", n_embd=256, deepstack=3)
+    mmproj = write_mmproj(world / "mmproj.gguf", n_embd=256)
+    assert by_name(run_preflight(inst(model, mmproj=mmproj), binary, nobody()))[
+        "projector"].status == "ok"

@@ -9,8 +9,10 @@ never start. The widths are computed the way llama.cpp does, and only where it i
   length of `mm.2.bias`; for `qwen3vl_merger` that times (1 + its deepstack layers), a deepstack
   layer being a vision layer with a `v.deepstack.N.fc1.weight` tensor. Qwen3-VL sends the main
   embedding and one per deepstack layer side by side in one vector.
-- model (llama-hparams.cpp, `n_embd_inp`): `<arch>.embedding_length` times
-  (1 + `<arch>.n_deepstack_layers`, 0 when absent).
+- model (llama-hparams.cpp, `n_embd_inp`): `<arch>.embedding_length` times (1 + its deepstack
+  layers). Only qwen3vl and qwen3vlmoe read `<arch>.n_deepstack_layers` (src/models/*.cpp); the
+  granite models derive theirs from a mapping and gemma4-assistant sets its own input width, so
+  those are not checked; every other architecture has none.
 
 Other projector types are not checked (skip), rather than guessed.
 """
@@ -25,7 +27,9 @@ from mi50d.host.checks import Check, fail, ok, skip
 from mi50d.host.ggufmeta import GGUFInfo
 
 _MERGERS = frozenset({"qwen2vl_merger", "qwen2.5vl_merger", "qwen3vl_merger"})
-_DEEPSTACK = re.compile(r"v\.deepstack\.\d+\.fc1\.weight")
+_DEEPSTACK = re.compile(r"v\.deepstack\.(\d+)\.fc1\.weight")
+_DEEPSTACK_ARCHS = frozenset({"qwen3vl", "qwen3vlmoe"})  # read <arch>.n_deepstack_layers
+_OWN_INPUT_WIDTH = frozenset({"granite", "granite_swa", "gemma4-assistant"})
 
 
 @dataclass(frozen=True)
@@ -55,7 +59,12 @@ def projector_width(mmproj: GGUFInfo) -> Width | None:
     bias = next((t for t in mmproj.tensors if t.name == "mm.2.bias"), None)
     if bias is None or not bias.dims:
         return None
-    layers = sum(1 for t in mmproj.tensors if _DEEPSTACK.fullmatch(t.name))
+    blocks = mmproj.metadata.get("clip.vision.block_count")
+    if not isinstance(blocks, int) or isinstance(blocks, bool):
+        return None
+    # clip.cpp looks for v.deepstack.N.* in each of the tower's blocks, N < block_count
+    layers = sum(1 for t in mmproj.tensors
+                 if (m := _DEEPSTACK.fullmatch(t.name)) and int(m.group(1)) < blocks)
     if projector_type(mmproj) != "qwen3vl_merger":
         layers = 0
     return Width(bias.dims[0] * (1 + layers), bias.dims[0], layers)
@@ -64,9 +73,10 @@ def projector_width(mmproj: GGUFInfo) -> Width | None:
 def model_width(model: GGUFInfo) -> Width | None:
     """The width of the embeddings the model takes in (llama_hparams::n_embd_inp)."""
     n_embd = model.arch_int("embedding_length")
-    if not n_embd:
+    if not n_embd or model.architecture in _OWN_INPUT_WIDTH:
         return None
-    layers = model.arch_int("n_deepstack_layers") or 0
+    layers = (model.arch_int("n_deepstack_layers") or 0
+              if model.architecture in _DEEPSTACK_ARCHS else 0)
     return Width(n_embd * (1 + layers), n_embd, layers)
 
 
