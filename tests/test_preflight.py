@@ -451,3 +451,21 @@ def test_only_qwen3vl_models_read_their_deepstack_count(world: Path) -> None:
     mmproj = write_mmproj(world / "mmproj.gguf", n_embd=256)
     assert by_name(run_preflight(inst(model, mmproj=mmproj), binary, nobody()))[
         "projector"].status == "ok"
+
+
+def test_api_key_file_is_checked_like_the_model(world: Path) -> None:
+    binary, model = daemon(script(world / "s")), write_model(world / "m.gguf")
+    keys = world / "keys"
+    os.mkfifo(keys)
+    check = by_name(run_preflight(inst(model, api_key_file=keys), binary, nobody()))[
+        "api key file"]
+    assert check.status == "fail" and check.message == f"{keys} is not a regular file (a FIFO (named pipe))"
+    keys.unlink()
+    keys.write_text("sk-local\n")
+    keys.chmod(0o600)
+    check = by_name(run_preflight(inst(model, api_key_file=keys), binary, nobody()))[
+        "api key file"]
+    assert check.status == "fail" and check.message == f"nobody cannot read {keys}: Permission denied"
+    keys.chmod(0o644)
+    assert by_name(run_preflight(inst(model, api_key_file=keys), binary, nobody()))[
+        "api key file"].status == "ok"

@@ -74,6 +74,8 @@ def run_preflight(inst: InstanceConfig, daemon: DaemonConfig, account: Account |
         mmproj_size = mmproj.file_size if mmproj else 0
         if model is not None and mmproj is not None:
             checks.append(projector_check(model, mmproj, inst.mmproj))
+    if inst.api_key_file is not None:
+        checks.append(_key_file(inst.api_key_file, account))
     checks.append(_port(inst, account, others))
     selected: list[gpumod.Gpu] = []
     if expects_gpu(inst):
@@ -193,6 +195,21 @@ def _gguf(path: Path, name: str, daemon: DaemonConfig, account: Account | None,
     kind = "mmproj" if info.is_mmproj else info.architecture
     return ok(name, f"{path.name}: GGUF v{info.version} {kind}, {len(info.tensors)} tensors, "
               "complete", size=info.file_size), info
+
+
+def _key_file(path: Path, account: Account | None) -> Check:
+    """llama-server reads api_key_file at start and exits if it cannot."""
+    problem = file_problem(path, "api_key_file", "a file with one key per line",
+                           "create it (one key per line) or remove api_key_file",
+                           account_name(None))
+    if problem:
+        return fail("api key file", problem.message, problem.fix)
+    (denied,) = check_access(account, [(path, "r")])
+    if denied:
+        user = account_name(account)
+        return fail("api key file", f"{user} cannot read {path}: {denied}",
+                    f"chgrp the file to a group of {user} and chmod 640 it")
+    return ok("api key file", f"{path} is readable")
 
 
 def _read_fix(path: Path, account: Account | None, daemon: DaemonConfig) -> str:
