@@ -7,17 +7,41 @@ This module owns turning a directory into a `Config` or one `ConfigError`; it ne
 
 from __future__ import annotations
 
-import difflib
+import os
 import re
+import stat
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from mi50d.configtypes import (
+    AbsPath,
+    Count,
+    EnvKey,
+    Flag,
+    Host,
+    PositiveSeconds,
+    Seconds,
+    Text,
+    describe_errors,
+    shown,
+)
 
 DAEMON_FILE = "mi50d.toml"
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+MAX_FILE = 1 << 20
+MAX_NAME = 64  # instance names appear in unit names, logs and table columns
 DEFAULT_CONFIG_DIR = Path("/etc/mi50d")
 DEFAULT_SOCKET = Path("/run/mi50d/control.sock")
 DEFAULT_LLAMA_SERVER = Path("/var/lib/mi50d/llama/current/bin/llama-server")
@@ -40,16 +64,13 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-PositiveSeconds = Annotated[float, Field(gt=0)]
-
-
 class RestartConfig(_Model):
     """When a process that ended is started again (see `mi50d.engine.policy`)."""
 
     policy: Literal["always", "on-failure", "never"] = "on-failure"
-    delay_s: Annotated[float, Field(ge=0)] = 1.0
-    max_delay_s: Annotated[float, Field(ge=0)] = 30.0
-    burst: Annotated[int, Field(ge=1)] = 5
+    delay_s: Seconds = 1.0
+    max_delay_s: Seconds = 30.0
+    burst: Count = 5
     interval_s: PositiveSeconds = 120.0
 
     @model_validator(mode="after")
@@ -62,17 +83,19 @@ class RestartConfig(_Model):
 class HealthConfig(_Model):
     """How readiness and hangs are detected over HTTP."""
 
-    path: str = "/health"
+    path: Annotated[str, Strict()] = "/health"
     interval_s: PositiveSeconds = 5.0
     timeout_s: PositiveSeconds = 3.0
-    failures: Annotated[int, Field(ge=1)] = 3
+    failures: Count = 3
     start_timeout_s: PositiveSeconds = 900.0
 
     @field_validator("path")
     @classmethod
     def _absolute_path(cls, value: str) -> str:
-        if not value.startswith("/"):
-            raise ValueError("must start with '/', e.g. \"/health\"")
+        # it goes into the request line: no spaces or control characters
+        if not value.startswith("/") or not all("!" <= c <= "~" for c in value):
+            raise ValueError("must start with '/' and hold no spaces or control characters, "
+                             "e.g. \"/health\"")
         return value
 
 
@@ -83,28 +106,28 @@ class StopConfig(_Model):
 class InstanceSettings(_Model):
     """The keys of one instance file (`<name>.toml`); these names are a public contract."""
 
-    model: Path
-    mmproj: Path | None = None
-    host: str = "127.0.0.1"
-    port: Annotated[int, Field(ge=1, le=65535)]
-    ctx_size: Annotated[int, Field(ge=0)] | None = None
+    model: AbsPath
+    mmproj: AbsPath | None = None
+    host: Host = "127.0.0.1"
+    port: Annotated[int, Strict(), Field(ge=1, le=65535)]
+    ctx_size: Annotated[int, Strict(), Field(ge=0)] | None = None
     n_gpu_layers: int | Literal["auto", "all"] | None = None
     flash_attn: Literal["on", "off", "auto"] | None = None
-    jinja: bool = False
-    threads: Annotated[int, Field(ge=1)] | None = None
-    alias: str | None = None
-    api_key_file: Path | None = None
-    temp: Annotated[float, Field(ge=0)] | None = None
-    top_p: Annotated[float, Field(ge=0, le=1)] | None = None
-    top_k: Annotated[int, Field(ge=0)] | None = None
-    presence_penalty: float | None = None
-    gpus: tuple[Annotated[int, Field(ge=0)], ...] | None = None
-    env: dict[str, str] = Field(default_factory=dict)
-    args: tuple[str, ...] = ()
-    llama_server: Path | None = None
-    autostart: bool = False
-    requires_mounts: tuple[Path, ...] = ()
-    force_vram: bool = False
+    jinja: Flag = False
+    threads: Count | None = None
+    alias: Text | None = None
+    api_key_file: AbsPath | None = None
+    temp: Annotated[float, Strict(), Field(ge=0)] | None = None
+    top_p: Annotated[float, Strict(), Field(ge=0, le=1)] | None = None
+    top_k: Annotated[int, Strict(), Field(ge=0)] | None = None
+    presence_penalty: Annotated[float, Strict()] | None = None
+    gpus: tuple[Annotated[int, Strict(), Field(ge=0)], ...] | None = None
+    env: dict[EnvKey, Text] = Field(default_factory=dict)
+    args: tuple[Text, ...] = ()
+    llama_server: AbsPath | None = None
+    autostart: Flag = False
+    requires_mounts: tuple[AbsPath, ...] = ()
+    force_vram: Flag = False
     restart: RestartConfig = RestartConfig()
     health: HealthConfig = HealthConfig()
     stop: StopConfig = StopConfig()
@@ -120,6 +143,16 @@ class InstanceSettings(_Model):
             'use a number of layers (0 or more), "auto" or "all" '
             '(in current llama.cpp -1 means "auto", not "all")'
         )
+
+    @field_validator("gpus")
+    @classmethod
+    def _distinct_gpus(cls, value: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if value is not None and not value:
+            raise ValueError("[] selects no GPU; list GPU indices, or remove gpus and set "
+                             "n_gpu_layers = 0 to run on the CPU")
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError(f"{list(value)} names a GPU twice; list each index once")
+        return value
 
     @model_validator(mode="after")
     def _one_gpu_selector(self) -> InstanceSettings:
@@ -143,7 +176,7 @@ class InstanceConfig(InstanceSettings):
 
     def endpoint(self) -> str:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
-        return f"http://{host}:{self.port}"
+        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
 
     def argv(self, daemon: DaemonConfig) -> list[str]:
         """The exact llama-server command line."""
@@ -199,22 +232,22 @@ def gpu_environment(gpus: tuple[int, ...] | None) -> dict[str, str]:
 class HostPaths(_Model):
     """Where host facts are read from; tests point these at recorded fixture trees."""
 
-    sysfs_root: Path = Path("/sys")
-    dev_root: Path = Path("/dev")
-    rocm_path: Path = Path("/opt/rocm")
-    mountinfo: Path = Path("/proc/self/mountinfo")
+    sysfs_root: AbsPath = Path("/sys")
+    dev_root: AbsPath = Path("/dev")
+    rocm_path: AbsPath = Path("/opt/rocm")
+    mountinfo: AbsPath = Path("/proc/self/mountinfo")
 
 
 class DaemonConfig(_Model):
     """`mi50d.toml`: daemon-wide settings, all optional."""
 
-    llama_server: Path = DEFAULT_LLAMA_SERVER
-    socket: Path = DEFAULT_SOCKET
-    socket_group: str = "mi50d"
-    user: str = "mi50d"
-    wait_ready: bool = False
-    log_lines: Annotated[int, Field(ge=10, le=100_000)] = 2000
-    preflight: bool = True
+    llama_server: AbsPath = DEFAULT_LLAMA_SERVER
+    socket: AbsPath = DEFAULT_SOCKET
+    socket_group: Text = "mi50d"
+    user: Text = "mi50d"
+    wait_ready: Flag = False
+    log_lines: Annotated[int, Strict(), Field(ge=10, le=100_000)] = 2000
+    preflight: Flag = True
     host: HostPaths = HostPaths()
     defaults: dict[str, Any] = Field(default_factory=dict)
 
@@ -226,42 +259,27 @@ class Config(_Model):
 
 
 def _read_toml(path: Path, problems: list[str]) -> dict[str, Any] | None:
+    """The file's table; a FIFO or device is refused without opening it for reading, which could
+    block (O_NONBLOCK), and a file over MAX_FILE is refused without reading it."""
     try:
-        with path.open("rb") as f:
-            return tomllib.load(f)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                problems.append(f"{shown(path.name)}: not a regular file; replace it with one")
+                return None
+            if st.st_size > MAX_FILE:
+                problems.append(f"{shown(path.name)}: {st.st_size} bytes, over the "
+                                f"{MAX_FILE >> 10} KiB a configuration file may have")
+                return None
+            return tomllib.loads(f.read(MAX_FILE + 1).decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        problems.append(f"{shown(path.name)}: not UTF-8 (byte {exc.start}); save it as UTF-8")
     except tomllib.TOMLDecodeError as exc:
-        problems.append(f"{path.name}: not valid TOML: {exc}; fix the syntax at that line")
+        problems.append(f"{shown(path.name)}: not valid TOML: {exc}; fix the syntax at that line")
     except OSError as exc:
-        problems.append(f"{path.name}: cannot read: {exc.strerror}")
+        problems.append(f"{shown(path.name)}: cannot read: {exc.strerror}")
     return None
-
-
-def _describe(path: Path, exc: ValidationError, model: type[BaseModel]) -> list[str]:
-    lines = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(file)"
-        kind = err["type"]
-        if kind == "extra_forbidden":
-            known = _known_keys(model, err["loc"][:-1])
-            close = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
-            hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(known)}"
-            lines.append(f"{path.name}: {loc}: unknown key; {hint}")
-        elif kind == "missing":
-            lines.append(f"{path.name}: {loc}: required key is missing; add `{loc} = ...`")
-        else:
-            lines.append(f"{path.name}: {loc}: {err['msg'].removeprefix('Value error, ')}")
-    return lines
-
-
-def _known_keys(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
-    for part in loc:
-        field = model.model_fields.get(str(part))
-        annotation = field.annotation if field else None
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            model = annotation
-        else:
-            return []
-    return sorted(model.model_fields)
 
 
 def _merge_defaults(defaults: Mapping[str, Any], own: Mapping[str, Any]) -> dict[str, Any]:
@@ -276,6 +294,20 @@ def _merge_defaults(defaults: Mapping[str, Any], own: Mapping[str, Any]) -> dict
     return merged
 
 
+def _valid_defaults(path: Path, defaults: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """`[defaults]` checked once, as the daemon file's problem: (the keys that are fine, problems).
+    Instance files then merge only the good keys, so one typo is not blamed on every instance."""
+    placeholders = {"model": "/", "port": 1}
+    try:
+        InstanceSettings.model_validate({**placeholders, **defaults})
+    except ValidationError as exc:
+        bad = {str(e["loc"][0]) for e in exc.errors() if e["loc"]}
+        whole = any(not e["loc"] for e in exc.errors())
+        good = {} if whole else {k: v for k, v in defaults.items() if k not in bad}
+        return good, describe_errors(path, exc, InstanceSettings, ("defaults",))
+    return dict(defaults), []
+
+
 def load_daemon_config(directory: Path) -> DaemonConfig:
     problems: list[str] = []
     path = directory / DAEMON_FILE
@@ -285,7 +317,7 @@ def load_daemon_config(directory: Path) -> DaemonConfig:
     try:
         return DaemonConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_describe(path, exc, DaemonConfig)) from None
+        raise ConfigError(describe_errors(path, exc, DaemonConfig)) from None
 
 
 def load_config(directory: Path) -> Config:
@@ -298,24 +330,28 @@ def load_config(directory: Path) -> Config:
     except ConfigError as exc:
         problems += exc.problems
         daemon = DaemonConfig()
+    defaults, bad_defaults = _valid_defaults(directory / DAEMON_FILE, daemon.defaults)
+    problems += bad_defaults
     instances: dict[str, InstanceConfig] = {}
     for path in sorted(directory.glob("*.toml")):
         if path.name == DAEMON_FILE:
             continue
         name = path.stem
-        if not NAME_RE.match(name):
-            problems.append(f"{path.name}: file name: instance names are [a-z0-9][a-z0-9._-]*; "
+        if not NAME_RE.match(name) or len(name) > MAX_NAME:
+            rule = ("[a-z0-9][a-z0-9._-]*" if len(name) <= MAX_NAME
+                    else f"at most {MAX_NAME} characters")
+            problems.append(f"{shown(path.name)[:100]}: file name: instance names are {rule}; "
                             "rename the file")
             continue
         raw = _read_toml(path, problems)
         if raw is None:
             continue
-        data = _merge_defaults(daemon.defaults, raw)
+        data = _merge_defaults(defaults, raw)
         try:
             InstanceSettings.model_validate(data)
             instances[name] = InstanceConfig.model_validate({**data, "name": name, "source": path})
         except ValidationError as exc:
-            problems += _describe(path, exc, InstanceSettings)
+            problems += describe_errors(path, exc, InstanceSettings)
     problems += _port_clashes(instances)
     if problems:
         raise ConfigError(problems)

@@ -6,11 +6,12 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from mi50d.host.diagnose import SIGNATURES, degraded, diagnose, diagnose_line
+from mi50d.host.diagnose import MAX_SCAN, SIGNATURES, degraded, diagnose, diagnose_line
 from tests.ggufwriter import write_model
 from tests.realbinary import llama_server
 
@@ -115,6 +116,13 @@ RECORDED = {
         "/var/lib/mi50d/llama/current/bin/llama-server: error while loading shared libraries: "
         "libhipblas.so.3: cannot open shared object file: No such file or directory",
     ],
+    # mtmd.cpp's message (its format string) for the guide's 32B model with the 8B projector:
+    # 4096 x (1 + 3 deepstack) against 5120 x (1 + 3)
+    "mmproj_mismatch": [
+        "mtmd_init_from_file: error: mismatch between text model (n_embd = 20480) and mmproj "
+        "(n_embd = 16384)",
+        "hint: you may be using wrong mmproj",
+    ],
     "cpu_only": [
         "load_tensors: offloaded 0/25 layers to GPU",
         "load_tensors:   CPU_Mapped model buffer size = 11536.18 MiB",
@@ -157,3 +165,51 @@ def test_healthy_rocm_load_has_no_diagnosis() -> None:
         "srv  llama_server: model loaded",
     ]
     assert diagnose(lines) == []
+
+
+# One line of output can be megabytes (a prompt echoed in a log line). Every pattern run on
+# output must be linear in the line's length: the old buffer-size pattern took 10.6 s on 64 KiB of
+# letters (quadratic: a 1 MiB line would take about 45 minutes). The child below runs every
+# pattern, uncapped, and the capped entry points on 1 MiB lines built from each pattern's own
+# pieces repeated; linear patterns finish in seconds, far inside the generous timeout.
+_LONG_LINES = r"""
+import sys
+from mi50d.host import diagnose, gpus, preflight, vram
+pieces = ["a", "0", " ", "TensileLibrary", "/dev/kfd", "rocBLAS error: ", "amdgpu: ",
+          "hostname: ", "tensor '", "failed to open GGUF file '", " (1", "  x: ", "a: b ",
+          "\n", " \n", "HSA_STATUS_ERROR_", "error loading model: ", "offloaded 0/",
+          "CPU_Mapped model buffer size = ", "Name: gfx906 ", "x buffer size = 1"]
+patterns = [s.pattern for s in diagnose.SIGNATURES] + [vram._BUFFER, gpus._ROCMINFO_GPU]
+n = 1 << 20
+lines = [(p * (n // len(p) + 1))[:n] for p in pieces]
+for line in lines:
+    for pattern in patterns:
+        pattern.search(line)
+    preflight._DEVICE_LINE.match(line)
+diagnose.diagnose(lines)
+vram.parse_buffers(lines)
+preflight.parse_devices("\n".join(lines[:4]))
+gpus.rocminfo_targets(lines[-2])
+print(len(lines) * len(patterns))
+"""
+
+
+def test_megabyte_lines_are_matched_in_linear_time() -> None:
+    done = subprocess.run([sys.executable, "-c", _LONG_LINES], capture_output=True, text=True,
+                          timeout=300, check=False, cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) == 21 * (len(SIGNATURES) + 2)
+
+
+def test_only_the_start_of_a_long_line_is_diagnosed() -> None:
+    head = "llama_model_load: error loading model: invalid magic characters"
+    assert codes([head + "x" * (1 << 20)]) == ["model_invalid"]
+    assert codes(["x" * MAX_SCAN + head]) == []
+
+
+def test_rewritten_patterns_still_match_what_they_did() -> None:
+    assert codes(["rocBLAS error: could not load the Tensile code object"]) == ["tensile_missing"]
+    assert codes(["hipMalloc: /dev/kfd: Operation not permitted"]) == ["kfd_access"]
+    assert codes(["[drm] amdgpu: GPU reset begin!"]) == ["gpu_hang"]
+    assert codes(["rocblas: no /x/TensileLibrary_lazy_gfx906.dat here"]) == ["tensile_missing"]
+    assert codes(["/dev/kfd then nothing", "Permission denied, but no kfd"]) == []

@@ -185,3 +185,58 @@ def test_mi50ctl_does_not_import_the_checks_at_startup() -> None:
     loaded = out.stdout
     for heavy in ("mi50d.host.doctor", "mi50d.host.preflight", "mi50d.host.ggufmeta", "mi50d.host.vram"):
         assert heavy not in loaded
+
+
+def cpu_config_dir(world: Path, n_gpu_layers: object) -> Path:
+    """The CPU demo host: no KFD, no ROCm, a cpu build, one instance."""
+    cfg = world / "etc"
+    cfg.mkdir()
+    (world / "sys").mkdir()
+    host = {"sysfs_root": world / "sys", "rocm_path": world / "no-rocm", "dev_root": world / "dev"}
+    (cfg / "mi50d.toml").write_text(
+        f'llama_server = "{build(world, "cpu", [])}"\nuser = "nobody"\n'
+        f'socket = "{world}/control.sock"\n[host]\n'
+        + "".join(f'{k} = "{v}"\n' for k, v in host.items()))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (cfg / "tiny.toml").write_text(f'model = "{write_model(world / "m.gguf")}"\nport = {port}\n'
+                                   f"n_gpu_layers = {json.dumps(n_gpu_layers)}\n")
+    return cfg
+
+
+def test_doctor_on_the_cpu_demo_host_exits_zero(world: Path) -> None:
+    cfg = cpu_config_dir(world, 0)
+    report = run_doctor(cfg)
+    assert not report.failed, [c.line() for c in report.all() if c.failed]
+    checks = named(report.host)
+    assert checks["rocm"].status == checks["gpus"].status == "skip"
+    assert checks["rocm"].message.endswith("(not needed: every instance runs on the CPU)")
+    done = CliRunner().invoke(cli, ["doctor", "--config-dir", str(cfg)])
+    assert done.exit_code == 0, done.output
+
+
+def test_doctor_fails_the_gpu_checks_when_an_instance_wants_a_gpu(world: Path) -> None:
+    report = run_doctor(cpu_config_dir(world, "all"))
+    assert report.failed
+    assert named(report.host)["gpus"].status == "fail"
+
+
+_SOCKET_AS_NOBODY = (
+    "import sys; from pathlib import Path; from mi50d.host.doctor import socket_check; "
+    "print(socket_check(Path(sys.argv[1]), 'llm').line())")
+
+
+def test_a_socket_closed_to_the_user_names_the_configured_group(world: Path) -> None:
+    path = world / "control.sock"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(path))
+        s.listen()
+        path.chmod(0o660)  # root's, group root: nobody may not connect
+        done = subprocess.run([sys.executable, "-c", _SOCKET_AS_NOBODY, str(path)],
+                              capture_output=True, text=True, check=False, user="nobody",
+                              group=65534, extra_groups=[], cwd=Path(__file__).parent.parent,
+                              timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == (f"daemon: permission denied on {path}; fix: join the group "
+                                   "llm: sudo usermod -aG llm $USER, then log in again")

@@ -23,7 +23,7 @@ def test_example_loads_and_starts_nothing_by_itself(example: Path, tmp_path: Pat
     assert inst.environment({})["ROCR_VISIBLE_DEVICES"] == "0"
 
 
-def test_qwen3_vl_32b_is_the_seed_command(tmp_path: Path) -> None:
+def test_qwen3_vl_32b_is_the_seed_command_with_its_own_projector(tmp_path: Path) -> None:
     shutil.copy(ETC / "mi50d.toml", tmp_path)
     shutil.copy(ETC / "examples" / "qwen3-vl-32b-thinking.toml", tmp_path / "qwen3-vl-32b.toml")
     config = load_config(tmp_path)
@@ -31,7 +31,7 @@ def test_qwen3_vl_32b_is_the_seed_command(tmp_path: Path) -> None:
     assert argv == [
         "/var/lib/mi50d/llama/current/bin/llama-server",
         "--model", "/mnt/ssd/models/Qwen3VL-32B-Thinking-Q4_K_M.gguf",
-        "--mmproj", "/mnt/ssd/models/Qwen3-VL-8B-Thinking-1M-Q4_K_M/mmproj-F16.gguf",
+        "--mmproj", "/mnt/ssd/models/mmproj-Qwen3VL-32B-Thinking-F16.gguf",  # not the 8B's
         "--host", "0.0.0.0", "--port", "8081", "--ctx-size", "32768", "--n-gpu-layers", "all",
         "--flash-attn", "on", "--threads", "12", "--temp", "1.0", "--top-p", "0.95",
         "--top-k", "20", "--presence-penalty", "0.0", "--jinja",

@@ -2,14 +2,42 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import struct
+import tracemalloc
 from pathlib import Path
 
 import gguf
 import pytest
 
-from mi50d.host.ggufmeta import GGML_TYPES, GGUFError, read_gguf
-from tests.ggufwriter import QUANTIZED, write_mmproj, write_model
+from mi50d.host.ggufmeta import (
+    GGML_TYPES,
+    MAX_DEPTH,
+    MAX_KEPT,
+    MAX_KV,
+    MAX_TENSORS,
+    MAX_WALK,
+    ArrayInfo,
+    GGUFError,
+    GGUFInfo,
+    LongString,
+    read_gguf,
+)
+from tests.ggufwriter import (
+    ARRAY,
+    QUANTIZED,
+    STRING,
+    U8,
+    U64,
+    raw_array,
+    raw_kv,
+    raw_string,
+    raw_tensor,
+    write_mmproj,
+    write_model,
+    write_raw,
+)
 
 
 def test_type_table_matches_the_gguf_package() -> None:
@@ -105,7 +133,9 @@ def test_mmproj_is_recognised(tmp_path: Path) -> None:
     info = read_gguf(write_mmproj(tmp_path / "mmproj-F16.gguf"))
     assert info.is_mmproj
     assert info.metadata["general.type"] == "mmproj"
-    assert info.tensor_bytes == 64 * 48 * 2 + 128 * 64 * 4
+    reference = gguf.GGUFReader(info.path)
+    assert info.tensor_bytes == sum(int(t.n_bytes) for t in reference.tensors)
+    assert {t.name: t.dims for t in info.tensors}["mm.2.bias"] == (256,)
 
 
 def test_unchanged_file_is_read_once_and_a_changed_one_again(tmp_path: Path) -> None:
@@ -116,3 +146,134 @@ def test_unchanged_file_is_read_once_and_a_changed_one_again(tmp_path: Path) -> 
         f.truncate(path.stat().st_size - 100)
     with pytest.raises(GGUFError, match="truncated"):
         read_gguf(path)
+
+
+# Bounds: crafted headers of ~100 MB must cost a bounded amount of memory (traced Python
+# allocations) and of reading (the bytes this process read, from /proc/self/io), whatever
+# lengths and counts they claim. 100 MB of zeros read as 100M u8 items, 12.5M empty strings or
+# 8M empty arrays, depending on the array header in front of them.
+HUNDRED_MB = 100 << 20
+PEAK_LIMIT = 64 << 20
+
+
+def bytes_read() -> int:
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/self/io")
+
+
+def bounded_read(path: Path) -> tuple[GGUFInfo | GGUFError, int, int]:
+    """(the info or the error, peak traced memory, bytes read) of reading `path`."""
+    before = bytes_read()
+    tracemalloc.start()
+    try:
+        result: GGUFInfo | GGUFError = read_gguf(path)
+    except GGUFError as exc:
+        result = exc
+    finally:
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    return result, peak, bytes_read() - before
+
+
+def test_a_100_mb_numeric_array_is_skipped_not_read(tmp_path: Path) -> None:
+    path = write_raw(tmp_path / "u8.gguf", [
+        raw_kv("general.architecture", STRING, raw_string("llama")),
+        raw_kv("junk", ARRAY, raw_array(U8, HUNDRED_MB))], hole=HUNDRED_MB)
+    info, peak, read = bounded_read(path)
+    assert isinstance(info, GGUFInfo), info
+    assert info.metadata["junk"] == ArrayInfo(U8, HUNDRED_MB)
+    assert info.architecture == "llama"
+    assert peak < PEAK_LIMIT and read < 4 << 20, (peak, read)
+
+
+def test_a_100_mb_string_keeps_its_length_only(tmp_path: Path) -> None:
+    path = write_raw(tmp_path / "s.gguf", [
+        raw_kv("tokenizer.chat_template", STRING, struct.pack("<Q", HUNDRED_MB))],
+        hole=HUNDRED_MB)
+    info, peak, read = bounded_read(path)
+    assert isinstance(info, GGUFInfo), info
+    assert info.metadata["tokenizer.chat_template"] == LongString(HUNDRED_MB)
+    assert peak < PEAK_LIMIT and read < 4 << 20, (peak, read)
+
+
+@pytest.mark.parametrize(("item_type", "each"), [(STRING, 8), (ARRAY, 12)], ids=["str", "arr"])
+def test_millions_of_tiny_items_are_refused_after_a_bounded_walk(
+        tmp_path: Path, item_type: int, each: int) -> None:
+    count = HUNDRED_MB // each
+    path = write_raw(tmp_path / "many.gguf", [raw_kv("tokenizer.ggml.tokens", ARRAY,
+                                                     raw_array(item_type, count))],
+                     hole=HUNDRED_MB)
+    error, peak, read = bounded_read(path)
+    assert isinstance(error, GGUFError)
+    assert f"more than {MAX_WALK} strings or arrays" in str(error)
+    assert peak < PEAK_LIMIT and read < 4 << 20, (peak, read)  # refused before walking
+
+
+def test_a_real_sized_vocabulary_is_walked_in_bounded_memory(tmp_path: Path) -> None:
+    # 262,144 strings of 16 bytes (Gemma 3's vocabulary size) are stepped over, not kept
+    tokens = b"".join(raw_string(b"%016d" % i) for i in range(262_144))
+    path = write_raw(tmp_path / "vocab.gguf", [
+        raw_kv("tokenizer.ggml.tokens", ARRAY, raw_array(STRING, 262_144, tokens))])
+    info, peak, _ = bounded_read(path)
+    assert isinstance(info, GGUFInfo), info
+    assert info.metadata["tokenizer.ggml.tokens"] == ArrayInfo(STRING, 262_144)
+    assert peak < 4 << 20, peak
+
+
+def test_kept_values_are_bounded_in_all(tmp_path: Path) -> None:
+    # 4,000 keys with 1,024 u64 each (32 MB): short numeric arrays are kept until MAX_KEPT is
+    # spent, the rest keep their length only
+    items = bytes(8 * 1024)
+    kvs = [raw_kv(f"k{i}", ARRAY, raw_array(U64, 1024, items)) for i in range(4000)]
+    info, peak, _ = bounded_read(write_raw(tmp_path / "kept.gguf", kvs))
+    assert isinstance(info, GGUFInfo), info
+    kept = [v for v in info.metadata.values() if isinstance(v, list)]
+    assert 0 < len(kept) * 1024 * 32 <= MAX_KEPT
+    assert info.metadata["k3999"] == ArrayInfo(U64, 1024)
+    assert peak < PEAK_LIMIT, peak
+
+
+def test_nested_arrays_are_bounded_too(tmp_path: Path) -> None:
+    # 32 x 32 x 32 arrays of 64 u8 (2M values if all were kept: 8 times MAX_KEPT)
+    inner = raw_array(U8, 64, bytes(64))
+    for _ in range(3):
+        inner = raw_array(ARRAY, 32, inner * 32)
+    info, peak, _ = bounded_read(write_raw(tmp_path / "nest.gguf", [raw_kv("n", ARRAY, inner)]))
+    assert isinstance(info, GGUFInfo), info
+    assert peak < PEAK_LIMIT, peak
+    too_deep = raw_array(U8, 0)
+    for _ in range(MAX_DEPTH):
+        too_deep = raw_array(ARRAY, 1, too_deep)
+    error, _, _ = bounded_read(write_raw(tmp_path / "deep.gguf", [raw_kv("d", ARRAY, too_deep)]))
+    assert isinstance(error, GGUFError) and "nested deeper" in str(error)
+
+
+@pytest.mark.parametrize(("n_tensors", "n_kv"), [(1 << 40, 0), (0, 1 << 40),
+                                                 (MAX_TENSORS + 1, 0), (0, MAX_KV + 1)])
+def test_impossible_counts_are_refused_at_once(tmp_path: Path, n_tensors: int, n_kv: int) -> None:
+    path = write_raw(tmp_path / "counts.gguf", [], n_tensors=n_tensors, n_kv=n_kv,
+                     hole=HUNDRED_MB)
+    error, peak, read = bounded_read(path)
+    assert isinstance(error, GGUFError) and "corrupt" in str(error)
+    assert peak < 4 << 20 and read < 4 << 20, (peak, read)
+
+
+def test_long_keys_and_tensor_names_are_refused(tmp_path: Path) -> None:
+    key = write_raw(tmp_path / "key.gguf", [struct.pack("<Q", 1 << 40)], n_kv=1)
+    with pytest.raises(GGUFError, match="metadata key of 1099511627776 bytes"):
+        read_gguf(key)
+    name = write_raw(tmp_path / "name.gguf", [], [raw_tensor("x" * 64, (32,))])
+    with pytest.raises(GGUFError, match=r"tensor name of 64 bytes .* allows 63"):
+        read_gguf(name)
+    dims = write_raw(tmp_path / "dims.gguf", [], [raw_tensor("t", (1,) * 5)])
+    with pytest.raises(GGUFError, match="5 dimensions"):
+        read_gguf(dims)
+
+
+def test_a_fifo_is_not_a_regular_file(tmp_path: Path) -> None:
+    fifo = tmp_path / "model.gguf"
+    os.mkfifo(fifo)  # nobody writes it: a blocking open would wait forever
+    with pytest.raises(GGUFError, match="not a regular file"):
+        read_gguf(fifo)

@@ -22,7 +22,8 @@ RANKS: dict[str, int] = {
     "mi50d.host": 4,
     "mi50d.systemd": 4,
 }
-LEAVES = frozenset({"mi50d", "mi50d.config", "mi50d.control.protocol", "mi50d.host.checks"})
+LEAVES = frozenset({"mi50d", "mi50d.config", "mi50d.configtypes", "mi50d.control.protocol",
+                    "mi50d.host.checks"})
 LEAF_RANK = 9
 
 

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import json
 import subprocess
+import tracemalloc
 from pathlib import Path
 
 import pytest
 
 from mi50d.config import HostPaths, InstanceConfig
-from mi50d.host.ggufmeta import read_gguf
+from mi50d.host.ggufmeta import GGUFError, read_gguf
 from mi50d.host.gpus import list_gpus
 from mi50d.host.vram import (
+    MAX_LAYERS,
     OVERHEAD_PER_GPU,
     Estimate,
     GiB,
@@ -215,3 +217,27 @@ def test_estimate_against_the_real_cpu_llama_server(tmp_path: Path, ctx: int) ->
     print("\n" + report)  # noqa: T201
     # the KV formula is exact for llama; the others are printed, not asserted
     assert est.kv_all == measured.bytes("KV")
+
+
+def test_a_block_count_llama_cpp_refuses_is_an_error_not_memory(tmp_path: Path) -> None:
+    path = write_model(tmp_path / "m.gguf", block_count=1 << 40)
+    model = read_gguf(path)
+    tracemalloc.start()
+    try:
+        with pytest.raises(GGUFError, match=r"block_count = 1099511627776, but llama.cpp "
+                                            r"allows 0 to 512 layers"):
+            estimate(inst(path), model)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20
+    at_limit = estimate(inst(tmp_path / "m.gguf"), read_gguf(
+        write_model(tmp_path / "ok.gguf", block_count=MAX_LAYERS)))
+    assert at_limit.n_layer == MAX_LAYERS
+
+
+def test_per_layer_head_counts_of_a_deep_model_are_counted(tmp_path: Path) -> None:
+    # 80 layers: longer than the 64 items kept of a string array, still kept as numbers
+    deep = read_gguf(write_model(tmp_path / "deep.gguf", n_layer=80, per_layer_kv=True))
+    flat = read_gguf(write_model(tmp_path / "flat.gguf", n_layer=80))
+    assert estimate(inst(deep.path), deep).kv == estimate(inst(flat.path), flat).kv > 0

@@ -3,11 +3,17 @@
 The signatures are the messages real builds print: llama.cpp's own (server-http.cpp "couldn't bind
 HTTP server socket", gguf.cpp "failed to open GGUF file", ggml-cuda.cu "cudaMalloc failed: out of
 memory" and "<backend> error: invalid device function", "ggml_cuda_init: failed to initialize
-ROCm"), and those of the ROCm libraries under it (rocBLAS "Cannot read ... TensileLibrary.dat",
-ROCr "HSA_STATUS_ERROR_*", "HW Exception by GPU node-N ... reason :GPU Hang").
+ROCm", mtmd.cpp "mismatch between text model ... and mmproj"), and those of the ROCm libraries
+under it (rocBLAS "Cannot read ... TensileLibrary.dat", ROCr "HSA_STATUS_ERROR_*", "HW Exception
+by GPU node-N ... reason :GPU Hang").
 Some are not errors but a silent CPU fallback: /health answers 200 while every layer runs on the
 CPU. Those diagnoses are `degraded`, for instances that asked for GPUs.
 This module owns the table and matching; it is pure (lines in, diagnoses out).
+
+Matching is linear in a line's length: llama-server's output is anyone's input (a prompt echoed
+in a log line can be megabytes), so no pattern may retry a scan from every position. "A, then B
+later on the line" is written `_then(A, B)`: the first A only (an atomic group, anchored at the
+start), then one greedy scan for B. Only the first MAX_SCAN characters of a line are looked at.
 """
 
 from __future__ import annotations
@@ -38,14 +44,24 @@ class _Signature:
     gpu_only: bool = False  # only a problem for instances that asked for GPUs
 
 
+MAX_SCAN = 4096  # real diagnostic lines are < 500 characters
+
+
 def _sig(code: str, pattern: str, message: str, fix: str, **flags: bool) -> _Signature:
     return _Signature(code, re.compile(pattern), message, fix, **flags)
+
+
+def _then(first: str, later: str) -> str:
+    """A line with `first` and, somewhere after it, `later`, in one pass: `first.*later` would
+    scan to the end of the line again from every occurrence of `first`."""
+    return rf"\A(?>.*?(?:{first})).*(?:{later})"
 
 
 # First match wins within a line, so the specific signatures come before the general ones.
 SIGNATURES: tuple[_Signature, ...] = (
     _sig("tensile_missing",
-         r"TensileLibrary\S*\.dat|Could not (?:initialize|load) Tensile|rocBLAS error: .*Tensile",
+         r"(?<!\w)TensileLibrary\w*+\.dat|Could not (?:initialize|load) Tensile|"
+         + _then("rocBLAS error: ", "Tensile"),
          "rocBLAS has no Tensile kernels for gfx906 (\"Cannot read TensileLibrary.dat\")",
          "install rocBLAS's gfx906 files into /opt/rocm/lib/rocblas/library (ROCm >= 6.4 "
          "ships none; mi50ctl doctor shows the check)"),
@@ -62,7 +78,7 @@ SIGNATURES: tuple[_Signature, ...] = (
          "llama-server was built without kernels for this GPU (\"invalid device function\")",
          "rebuild for the MI50: mi50ctl build-llama --targets gfx906"),
     _sig("kfd_access",
-         r"Unable to open /dev/kfd|/dev/kfd.*(?:Permission denied|Operation not permitted)",
+         r"Unable to open /dev/kfd|" + _then("/dev/kfd", "Permission denied|Operation not permitted"),
          "the process cannot open /dev/kfd",
          "give the service account the render and video groups and check /dev/kfd's udev "
          "rule (mi50ctl doctor)"),
@@ -94,6 +110,13 @@ SIGNATURES: tuple[_Signature, ...] = (
          r"tensor '(?P<tensor>[^']*)' data is not within the file bounds",
          "the model file is truncated (tensor {tensor} lies beyond its end)",
          "download or copy it again; mi50ctl check NAME verifies the size"),
+    _sig("mmproj_mismatch",
+         r"mismatch between text model \(n_embd = (?P<text>\d+)\) and mmproj "
+         r"\(n_embd = (?P<mmproj>\d+)\)",
+         "the mmproj makes {mmproj}-wide embeddings but the model takes {text}: a projector "
+         "of another model",
+         "set mmproj to the projector published with this model (mi50ctl check NAME compares "
+         "the two headers)"),
     _sig("model_invalid",
          r"error loading model: (?:llama_model_loader: )?(?P<why>.*)|"
          r"(?P<header>failed to read header|invalid magic characters|failed to read magic)",
@@ -101,7 +124,7 @@ SIGNATURES: tuple[_Signature, ...] = (
          "verify it with mi50ctl check NAME; re-download it or update llama.cpp "
          "(mi50ctl build-llama)"),
     _sig("gpu_hang",
-         r"HW Exception by GPU node-\d+|reason ?:GPU Hang|GPU reset|amdgpu: .*reset",
+         r"HW Exception by GPU node-\d+|reason ?:GPU Hang|GPU reset|" + _then("amdgpu: ", "reset"),
          "the GPU hung and was reset",
          "check temperatures and power (mi50ctl doctor) and dmesg; the instance restarts"),
     _sig("hsa_error",
@@ -122,7 +145,8 @@ _SPECIFIC_LOAD_ERRORS = frozenset({"model_open_failed", "model_truncated", "unkn
 
 
 def diagnose_line(line: str, *, expects_gpu: bool = True) -> Diagnosis | None:
-    """The diagnosis for one output line, or None."""
+    """The diagnosis for one output line (its first MAX_SCAN characters), or None."""
+    line = line[:MAX_SCAN]
     for sig in SIGNATURES:
         if sig.gpu_only and not expects_gpu:
             continue

@@ -25,6 +25,7 @@ from mi50d.host.checks import Check, fail, ok, skip, warn
 from mi50d.host.preflight import (
     Other,
     device_access_check,
+    expects_gpu,
     parse_devices,
     rocblas_check,
     run_preflight,
@@ -67,7 +68,23 @@ def _account(daemon: DaemonConfig) -> tuple[Check, Account | None]:
     return ok("account", f"instances run as {name} ({how})"), account
 
 
-def host_checks(daemon: DaemonConfig, account: Account | None) -> list[Check]:
+# Host checks that matter only to instances that use GPUs.
+GPU_CHECKS = frozenset({"rocm", "gpus", "rocminfo", "device access", "rocblas"})
+
+
+def host_checks(daemon: DaemonConfig, account: Account | None,
+                needs_gpu: bool = True) -> list[Check]:
+    """The host's checks. With `needs_gpu` False (every configured instance runs on the CPU:
+    n_gpu_layers = 0) a failed GPU check is reported as a skip saying so: a CPU host is not
+    broken for lacking ROCm."""
+    checks = _host_checks(daemon, account)
+    if needs_gpu:
+        return checks
+    return [skip(c.name, f"{c.message} (not needed: every instance runs on the CPU)")
+            if c.failed and c.name in GPU_CHECKS else c for c in checks]
+
+
+def _host_checks(daemon: DaemonConfig, account: Account | None) -> list[Check]:
     host = daemon.host
     installed = rocm.find_rocm(host.rocm_path, os.environ)
     checks = [_rocm(installed, host.rocm_path)]
@@ -88,7 +105,7 @@ def host_checks(daemon: DaemonConfig, account: Account | None) -> list[Check]:
             checks.append(rocblas_check(daemon))
     checks.append(_hip_tools(installed))
     checks.append(_build(daemon, account, expect_gpu=bool(found)))
-    checks.append(socket_check(daemon.socket))
+    checks.append(socket_check(daemon.socket, daemon.socket_group))
     return checks
 
 
@@ -182,15 +199,23 @@ def _build(daemon: DaemonConfig, account: Account | None, expect_gpu: bool) -> C
     return ok("llama-server", text + f"; sees {', '.join(str(d['name']) for d in devices)}")
 
 
-def socket_check(path: Path) -> Check:
-    """Whether mi50d answers on its control socket (connect only)."""
-    if not path.exists():
+def socket_check(path: Path, group: str = "mi50d") -> Check:
+    """Whether mi50d answers on its control socket (connect only); `group` is the configured
+    socket_group, named in the fix when the socket refuses this user."""
+    try:
+        os.stat(path)
+    except FileNotFoundError:
         return warn("daemon", f"mi50d is not running (no {path})",
                     "systemctl start mi50d (instance checks below work without it)")
+    except OSError:
+        pass  # e.g. a directory this user cannot search: connect() below says what it is
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(SOCKET_TIMEOUT_S)
             s.connect(str(path))
+    except PermissionError:
+        return warn("daemon", f"permission denied on {path}",
+                    f"join the group {group}: sudo usermod -aG {group} $USER, then log in again")
     except OSError as exc:
         return warn("daemon", f"{path} does not accept connections: {exc.strerror or exc}",
                     "systemctl restart mi50d; journalctl -u mi50d")
@@ -212,8 +237,10 @@ def run_doctor(config_dir: Path) -> Report:
                        "fix the file; mi50d --check-config lists every problem")
         return Report([problem, account_check, *host_checks(daemon, account)])
     account_check, account = _account(config.daemon)
+    # a host with no instance yet is checked for what the MI50 needs
+    needs_gpu = not config.instances or any(expects_gpu(i) for i in config.instances.values())
     host = [ok("config", f"{config_dir}: {len(config.instances)} instance(s)"), account_check,
-            *host_checks(config.daemon, account)]
+            *host_checks(config.daemon, account, needs_gpu)]
     daemon_up = any(c.name == "daemon" and c.status == "ok" for c in host)
     others = [Other(i.name, i.host, i.port) for i in config.instances.values()]
     instances = {name: _soften_port(run_preflight(inst, config.daemon, account, others),

@@ -14,12 +14,13 @@ u64 dims..., u32 ggml type, u64 offset relative to the data section), then paddi
 from __future__ import annotations
 
 import os
+import stat
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
-from typing import BinaryIO, TypeAlias
+from typing import Any, BinaryIO, TypeAlias
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
@@ -42,20 +43,36 @@ GGML_TYPES: dict[int, tuple[str, int, int]] = {
     39: ("MXFP4", 32, 17), 40: ("NVFP4", 64, 36), 41: ("Q1_0", 128, 18), 42: ("Q2_0", 64, 18),
 }
 
-# Metadata value types: id -> struct format of a scalar (8 = string, 9 = array are special).
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
-            10: "<Q", 11: "<q", 12: "<d"}
+# Metadata value types: id -> struct of a scalar (8 = string, 9 = array are special).
+_SCALARS = {k: struct.Struct(f) for k, f in {
+    0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
+    10: "<Q", 11: "<q", 12: "<d"}.items()}
 _STRING, _ARRAY = 8, 9
-# Arrays longer than this keep only their length (tokenizer vocabularies have 150k entries).
-KEEP_ARRAY_ITEMS = 64
-MAX_STRING = 64 << 20
-MAX_DIMS = 8
+_U32, _U64 = struct.Struct("<I"), struct.Struct("<Q")
+
+# Bounds. The reader's memory and work follow these constants, never a header value or the file's
+# size: a crafted file costs at most about MAX_KEPT + MAX_TENSORS tensor infos of memory and
+# MAX_WALK small steps, whatever it claims.
+MAX_KV = 16_384  # real models have ~50 keys
+MAX_KEY = 65_535  # the GGUF spec's limit on a key's length
+MAX_KEYS_BYTES = 1 << 20  # all keys together
+MAX_TENSORS = 32_768  # a 671B MoE has ~1,100; llama.cpp merges experts into one tensor per layer
+MAX_NAME = 63  # ggml's GGML_MAX_NAME (64) includes the terminating NUL
+MAX_DIMS = 4  # GGML_MAX_DIMS
+MAX_DEPTH = 4  # arrays of arrays of ...
+KEEP_STRING = 1 << 20  # longer string values keep their length only (chat templates are ~10 KB)
+KEEP_ARRAY_ITEMS = 64  # arrays of strings or arrays longer than this keep their length only
+KEEP_NUMBERS = 1024  # numeric arrays (per-layer values; llama.cpp allows 512 layers)
+MAX_KEPT = 8 << 20  # bytes of values kept, per file; past it values keep their length only
+MAX_WALK = 4 << 20  # array items stepped over one at a time (a 262k vocabulary is 262k steps)
+_ITEM_COST = 32  # what one kept array item costs in Python, roughly (object + list slot)
+_CHUNK = 1 << 20  # read size
 
 class GGUFError(Exception):
     """The file is not a usable GGUF; the message says why in one line."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ArrayInfo:
     """A long metadata array, kept as its element type and length only."""
 
@@ -63,10 +80,17 @@ class ArrayInfo:
     length: int
 
 
-Value: TypeAlias = "int | float | bool | str | list[Value] | ArrayInfo"
+@dataclass(frozen=True, slots=True)
+class LongString:
+    """A string value longer than KEEP_STRING, kept as its length only."""
+
+    length: int
 
 
-@dataclass(frozen=True)
+Value: TypeAlias = "int | float | bool | str | list[Value] | ArrayInfo | LongString"
+
+
+@dataclass(frozen=True, slots=True)
 class TensorInfo:
     name: str
     dims: tuple[int, ...]
@@ -127,51 +151,135 @@ class GGUFInfo:
 
 
 class _Reader:
+    """Reads the header through its own bounded buffer, so that skipping a long array or string
+    costs a seek (or advancing within the buffer), not a read of its bytes."""
+
     def __init__(self, f: BinaryIO, size: int) -> None:
         self.f = f
         self.size = size
+        self.buf = b""
+        self.pos = 0  # in buf
+        self.base = 0  # file offset of buf[0]
+        self.keys_left = MAX_KEYS_BYTES
+        self.kept_left = MAX_KEPT
+        self.walk_left = MAX_WALK
+
+    def tell(self) -> int:
+        return self.base + self.pos
+
+    def _truncated(self) -> GGUFError:
+        return GGUFError(f"file ends inside the header at byte {min(self.tell(), self.size)} "
+                         f"(file is {self.size} bytes): truncated")
+
+    def _fill(self, n: int) -> None:
+        if len(self.buf) - self.pos >= n:
+            return
+        rest = self.buf[self.pos:]
+        more = self.f.read(max(_CHUNK, n) - len(rest))
+        self.base += self.pos
+        self.buf, self.pos = rest + more, 0
+        if len(self.buf) < n:
+            raise self._truncated()
 
     def take(self, n: int) -> bytes:
-        data = self.f.read(n)
-        if len(data) != n:
-            raise GGUFError(f"file ends inside the header at byte {self.f.tell()} "
-                            f"(file is {self.size} bytes): truncated")
+        self._fill(n)
+        data = self.buf[self.pos:self.pos + n]
+        self.pos += n
         return data
 
-    def scalar(self, fmt: str) -> int | float | bool:
-        value: int | float | bool = struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
+    def skip(self, n: int) -> None:
+        target = self.tell() + n
+        if target > self.size:
+            self.pos = len(self.buf)
+            raise self._truncated()
+        if n <= len(self.buf) - self.pos:
+            self.pos += n
+        else:
+            self.f.seek(target)
+            self.buf, self.pos, self.base = b"", 0, target
+
+    def unpack(self, st: struct.Struct) -> Any:
+        self._fill(st.size)
+        (value,) = st.unpack_from(self.buf, self.pos)
+        self.pos += st.size
         return value
 
     def u32(self) -> int:
-        return int(self.scalar("<I"))
+        return int(self.unpack(_U32))
 
     def u64(self) -> int:
-        return int(self.scalar("<Q"))
+        return int(self.unpack(_U64))
 
-    def string(self) -> str:
+    def key(self) -> str:
+        at = self.tell()
         n = self.u64()
-        if n > MAX_STRING or n > self.size:
-            raise GGUFError(f"string length {n} at byte {self.f.tell() - 8} is impossible: corrupt")
+        if n > MAX_KEY or n > self.keys_left:
+            raise GGUFError(f"metadata key of {n} bytes at byte {at} (GGUF allows {MAX_KEY}, "
+                            f"mi50d reads {MAX_KEYS_BYTES >> 10} KiB of keys): corrupt")
+        self.keys_left -= n
+        return self.take(n).decode("utf-8", errors="replace")
+
+    def string(self) -> str | LongString:
+        n = self.u64()
+        if n > KEEP_STRING or n + _ITEM_COST > self.kept_left:
+            self.skip(n)
+            return LongString(n)
+        self.kept_left -= n + _ITEM_COST
         return self.take(n).decode("utf-8", errors="replace")
 
     def value(self, kind: int, depth: int = 0) -> Value:
         if kind in _SCALARS:
-            return self.scalar(_SCALARS[kind])
+            self.kept_left -= _ITEM_COST
+            value: Value = self.unpack(_SCALARS[kind])
+            return value
         if kind == _STRING:
             return self.string()
-        if kind == _ARRAY and depth < 4:
-            item_type, length = self.u32(), self.u64()
-            if length > self.size:
-                raise GGUFError(f"array length {length} is impossible: corrupt")
-            items = [self.value(item_type, depth + 1) for _ in range(length)]
-            if length > KEEP_ARRAY_ITEMS:
-                return ArrayInfo(item_type, length)
-            return items
-        raise GGUFError(f"unknown metadata value type {kind} at byte {self.f.tell() - 4}: corrupt")
+        if kind == _ARRAY and depth < MAX_DEPTH:
+            return self.array(depth)
+        raise self._unknown(kind)
+
+    def _unknown(self, kind: int) -> GGUFError:
+        if kind == _ARRAY:
+            return GGUFError(f"arrays nested deeper than {MAX_DEPTH} at byte {self.tell()}: "
+                             "corrupt")
+        return GGUFError(f"unknown metadata value type {kind} at byte {self.tell() - 4}: corrupt")
+
+    def array(self, depth: int) -> Value:
+        item_type, length = self.u32(), self.u64()
+        scalar = _SCALARS.get(item_type)
+        keep = KEEP_NUMBERS if scalar else KEEP_ARRAY_ITEMS
+        if length <= keep and length * _ITEM_COST <= self.kept_left:
+            return [self.value(item_type, depth + 1) for _ in range(length)]
+        self._skip_items(item_type, length, depth)
+        return ArrayInfo(item_type, length)
+
+    def _skip_items(self, item_type: int, length: int, depth: int) -> None:
+        scalar = _SCALARS.get(item_type)
+        if scalar is not None:
+            self.skip(length * scalar.size)
+            return
+        if item_type not in (_STRING, _ARRAY) or (item_type == _ARRAY and depth + 1 >= MAX_DEPTH):
+            raise self._unknown(item_type)
+        # each item takes at least 8 bytes (a string's length, an array's header)
+        if length * 8 > self.size - self.tell():
+            raise GGUFError(f"array of {length} items at byte {self.tell()} is longer than "
+                            "the file: corrupt")
+        if length > self.walk_left:
+            raise GGUFError(f"metadata arrays hold more than {MAX_WALK} strings or arrays in "
+                            "all, more than any model has: corrupt")
+        self.walk_left -= length
+        for _ in range(length):
+            if item_type == _STRING:
+                self.skip(self.u64())
+            else:
+                inner, n = self.u32(), self.u64()
+                self._skip_items(inner, n, depth + 1)
 
 
 _CACHE: dict[tuple[str, int, int, int, int], GGUFInfo] = {}
 _CACHE_SIZE = 64
+_CACHE_TENSORS = 8192
+_CACHE_KEPT = 1 << 20
 
 
 def read_gguf(path: Path) -> GGUFInfo:
@@ -181,18 +289,25 @@ def read_gguf(path: Path) -> GGUFInfo:
     start, respawns included, and decoding a 150k-token vocabulary costs ~100 ms each time. A file
     that changes in any of those gets read again; errors are never remembered.
     """
-    with path.open("rb", buffering=1 << 20) as f:
+    # O_NONBLOCK: opening a FIFO for reading would wait for a writer
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb", buffering=0) as f:
         st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise GGUFError("not a regular file (a directory, FIFO or device)")
         key = (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
         cached = _CACHE.get(key)
         if cached is not None:
             return cached
-        info = _parse(_Reader(f, st.st_size), path)
+        reader = _Reader(f, st.st_size)
+        info = _parse(reader, path)
     if info.data_end > info.file_size:
         missing = info.data_end - info.file_size
         raise GGUFError(f"truncated: tensor data ends at byte {info.data_end} but the file has "
                         f"{info.file_size} ({missing} bytes missing; an interrupted download "
                         "or copy?)")
+    if len(info.tensors) > _CACHE_TENSORS or reader.kept_left < MAX_KEPT - _CACHE_KEPT:
+        return info  # only headers of a real model's size are remembered
     if len(_CACHE) >= _CACHE_SIZE:
         _CACHE.clear()
     _CACHE[key] = info
@@ -203,15 +318,17 @@ def _parse(r: _Reader, path: Path) -> GGUFInfo:
     magic = r.f.read(4)
     if magic != MAGIC:
         raise GGUFError(f"not a GGUF file (starts with {magic!r}, expected b'GGUF')")
+    r.base = 4
     version = r.u32()
     if version not in VERSIONS:
         raise GGUFError(f"GGUF version {version} is not supported (only 2 and 3)")
     n_tensors, n_kv = r.u64(), r.u64()
-    if n_tensors > r.size or n_kv > r.size:
-        raise GGUFError(f"header claims {n_tensors} tensors and {n_kv} keys: corrupt")
+    if n_tensors > MAX_TENSORS or n_kv > MAX_KV:
+        raise GGUFError(f"header claims {n_tensors} tensors and {n_kv} keys (mi50d reads at "
+                        f"most {MAX_TENSORS} and {MAX_KV}): corrupt")
     metadata: dict[str, Value] = {}
     for _ in range(n_kv):
-        key = r.string()
+        key = r.key()
         metadata[key] = r.value(r.u32())
     tensors = tuple(_tensor_info(r) for _ in range(n_tensors))
     alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
@@ -220,16 +337,23 @@ def _parse(r: _Reader, path: Path) -> GGUFInfo:
     for t in tensors:
         if t.offset % alignment:
             raise GGUFError(f"tensor {t.name} offset {t.offset} is not aligned to {alignment}")
-    pos = r.f.tell()
-    data_offset = (pos + alignment - 1) // alignment * alignment
+    pos = r.tell()
+    # like gguf.cpp: the padding before the data section is there only when there is data
+    data_offset = (pos + alignment - 1) // alignment * alignment if tensors else pos
     return GGUFInfo(path, version, metadata, tensors, alignment, data_offset, r.size)
 
 
 def _tensor_info(r: _Reader) -> TensorInfo:
-    name = r.string()
+    at = r.tell()
+    n = r.u64()
+    if n > MAX_NAME:
+        raise GGUFError(f"tensor name of {n} bytes at byte {at} (ggml allows {MAX_NAME}): "
+                        "corrupt")
+    name = r.take(n).decode("utf-8", errors="replace")
     n_dims = r.u32()
     if n_dims > MAX_DIMS:
-        raise GGUFError(f"tensor {name} has {n_dims} dimensions: corrupt")
+        raise GGUFError(f"tensor {name} has {n_dims} dimensions (ggml allows {MAX_DIMS}): "
+                        "corrupt")
     dims = tuple(r.u64() for _ in range(n_dims))
     ggml_type, offset = r.u32(), r.u64()
     if ggml_type not in GGML_TYPES:

@@ -21,7 +21,8 @@ from mi50d.config import HostPaths
 from mi50d.host import kfd
 
 MI50_TARGET = "gfx906"
-_ROCMINFO_GPU = re.compile(r"^\s*Name:\s+(gfx[0-9a-f]+)\s*$", re.MULTILINE)
+# [ \t], not \s: with MULTILINE, \s* would run across line ends from every line start (quadratic)
+_ROCMINFO_GPU = re.compile(r"^[ \t]*Name:[ \t]+(gfx[0-9a-f]+)[ \t]*$", re.MULTILINE)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from mi50d.host.preflight import Other, expects_gpu, run_preflight
 FATAL_CODES = frozenset({
     "tensile_missing", "out_of_memory", "invalid_device_function", "kfd_access", "port_in_use",
     "model_open_failed", "unknown_architecture", "model_truncated", "model_invalid",
-    "shared_library",
+    "shared_library", "mmproj_mismatch",
 })
 
 

@@ -3,7 +3,7 @@
 The seed guide's first trap: models on an NTFS disk at /mnt/ssd mounted `noexec` (llama-server
 there cannot run) or with uid/gid/umask options that make files unreadable to the service account.
 This module owns parsing mountinfo (path from `HostPaths.mountinfo`) and the one-line hints.
-Standard library only.
+Standard library only (mountinfo is read through `mi50d.host.files`, which never blocks).
 
 A mountinfo line (proc(5)):
   36 35 98:0 /mnt1 /mnt/parent rw,noatime master:1 - ext3 /dev/root rw,errors=continue
@@ -18,6 +18,8 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+
+from mi50d.host.files import read_text
 
 # File systems whose owner and mode bits come from mount options, not from the files.
 FOREIGN_FS = frozenset({"ntfs", "ntfs3", "fuseblk", "vfat", "exfat", "msdos"})
@@ -98,7 +100,8 @@ def _options(text: str) -> dict[str, str | None]:
 
 def read_mounts(mountinfo: Path) -> list[Mount]:
     """All mounts, in mount order (a later mount on the same point hides an earlier one)."""
-    return [parse_line(line) for line in mountinfo.read_text().splitlines() if line.strip()]
+    text = read_text(mountinfo)  # configurable: never block on a FIFO there
+    return [parse_line(line) for line in text.splitlines() if line.strip()]
 
 
 def mount_of(path: Path | str, mounts: Sequence[Mount]) -> Mount:

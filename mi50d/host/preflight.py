@@ -25,8 +25,10 @@ from mi50d.host import rocm
 from mi50d.host.access import account_name, check_access, run_as
 from mi50d.host.accounts import Account
 from mi50d.host.checks import Check, fail, ok, skip, warn
-from mi50d.host.diagnose import diagnose_line
+from mi50d.host.diagnose import diagnose
+from mi50d.host.files import file_problem
 from mi50d.host.ggufmeta import GGUFError, GGUFInfo, read_gguf
+from mi50d.host.mmproj import projector_check
 from mi50d.host.mounts import MountinfoError, foreign_hint, mount_of, noexec_fix, read_mounts
 from mi50d.host.mountunits import ensure_mounted
 from mi50d.host.vram import check_fit, estimate
@@ -34,6 +36,7 @@ from mi50d.host.vram import check_fit, estimate
 VERSION_TIMEOUT_S = 30.0
 DEVICES_TIMEOUT_S = 60.0
 TENSILE_DROPPED = (6, 4)  # the first ROCm whose rocBLAS ships no gfx906 Tensile files
+MAX_DEVICE_LINE = 512  # a device line is ~60 characters; longer ones are not parsed
 _DEVICE_LINE = re.compile(r"^\s+(?P<name>\S+): (?P<desc>.*?) \((?P<total>\d+) MiB, "
                           r"(?P<free>\d+) MiB free\)")
 
@@ -70,6 +73,10 @@ def run_preflight(inst: InstanceConfig, daemon: DaemonConfig, account: Account |
         mmproj_check, mmproj = _gguf(inst.mmproj, "mmproj", daemon, account, want_mmproj=True)
         checks.append(mmproj_check)
         mmproj_size = mmproj.file_size if mmproj else 0
+        if model is not None and mmproj is not None:
+            checks.append(projector_check(model, mmproj, inst.mmproj))
+    if inst.api_key_file is not None:
+        checks.append(_key_file(inst.api_key_file, account))
     checks.append(_port(inst, account, others))
     selected: list[gpumod.Gpu] = []
     if expects_gpu(inst):
@@ -79,9 +86,13 @@ def run_preflight(inst: InstanceConfig, daemon: DaemonConfig, account: Account |
             checks.append(device_access_check(selected, daemon, account))
             checks.append(_rocblas(selected, daemon, inst.environment(os.environ)))
     if selected and model is not None:
-        est = estimate(inst, model, mmproj_size, n_gpus=len(selected))
-        held = {o.name: o.vram for o in others if o.name != inst.name and o.vram}
-        checks.append(check_fit(est, selected, held, force=inst.force_vram))
+        try:
+            est = estimate(inst, model, mmproj_size, n_gpus=len(selected))
+        except GGUFError as exc:
+            checks.append(fail("vram", f"{inst.model}: {exc}", "download or copy it again"))
+        else:
+            held = {o.name: o.vram for o in others if o.name != inst.name and o.vram}
+            checks.append(check_fit(est, selected, held, force=inst.force_vram))
     return checks
 
 
@@ -98,14 +109,11 @@ def _binary(inst: InstanceConfig, daemon: DaemonConfig, account: Account | None,
             run_binary: bool) -> list[Check]:
     binary = inst.binary(daemon)
     user = account_name(account)
-    try:
-        st = binary.stat()
-    except OSError as exc:
-        return [fail("binary", f"{binary}: {exc.strerror}",
-                     "build it with mi50ctl build-llama, or set llama_server in mi50d.toml")]
-    if not stat.S_ISREG(st.st_mode):
-        return [fail("binary", f"{binary} is not a regular file", "point llama_server at the "
-                     "llama-server executable")]
+    problem = file_problem(binary, "llama_server", "the llama-server executable",
+                           "build it with mi50ctl build-llama, or set llama_server in mi50d.toml",
+                           account_name(None))
+    if problem:
+        return [fail("binary", problem.message, problem.fix)]
     noexec, fix = _mount_note(binary, daemon)
     if noexec:
         return [fail("binary", f"{binary} is on a noexec mount", fix)]
@@ -118,11 +126,11 @@ def _binary(inst: InstanceConfig, daemon: DaemonConfig, account: Account | None,
     env = inst.environment(os.environ)
     version = run_as(account, [str(binary), "--version"], env, VERSION_TIMEOUT_S)
     if not version.ok:
-        known = diagnose_line(version.output)
+        known = diagnose(version.output.splitlines())
         return [fail("binary", f"{binary} --version failed: {version.last_line()}",
-                     known.fix if known else f"run {binary} --version as {user} to see why")]
-    checks = [ok("binary", f"{binary} runs: {version.output.strip().splitlines()[0]}",
-                 version=version.output.strip())]
+                     known[0].fix if known else f"run {binary} --version as {user} to see why")]
+    first = (version.output.strip().splitlines() or ["(no output)"])[0][:200]
+    checks = [ok("binary", f"{binary} runs: {first}", version=version.output.strip()[:4096])]
     if expects_gpu(inst):
         checks.append(_listed_devices(inst, daemon, account, binary, env))
     return checks
@@ -133,7 +141,7 @@ def parse_devices(output: str) -> list[dict[str, object]]:
     16348 MiB free)" as dicts; [] for "(none)"."""
     found: list[dict[str, object]] = []
     for line in output.splitlines():
-        m = _DEVICE_LINE.match(line)
+        m = _DEVICE_LINE.match(line) if len(line) <= MAX_DEVICE_LINE else None
         if m:
             found.append({"name": m["name"], "description": m["desc"],
                           "total_mib": int(m["total"]), "free_mib": int(m["free"])})
@@ -178,9 +186,11 @@ def _no_devices(binary: Path, output: str, account: Account | None) -> Check:
 def _gguf(path: Path, name: str, daemon: DaemonConfig, account: Account | None,
           want_mmproj: bool) -> tuple[Check, GGUFInfo | None]:
     user = account_name(account)
-    if not path.exists():
-        return fail(name, f"{path} does not exist", "fix the path; if it is on a disk that "
-                    "mounts late, add requires_mounts = [\"/its/mount/point\"]"), None
+    problem = file_problem(path, name, "the .gguf file", "fix the path; if it is on a disk "
+                           "that mounts late, add requires_mounts = [\"/its/mount/point\"]",
+                           account_name(None))
+    if problem:
+        return fail(name, problem.message, problem.fix), None
     (denied,) = check_access(account, [(path, "r")])
     if denied:
         return fail(name, f"{user} cannot read {path}: {denied}",
@@ -200,6 +210,21 @@ def _gguf(path: Path, name: str, daemon: DaemonConfig, account: Account | None,
     kind = "mmproj" if info.is_mmproj else info.architecture
     return ok(name, f"{path.name}: GGUF v{info.version} {kind}, {len(info.tensors)} tensors, "
               "complete", size=info.file_size), info
+
+
+def _key_file(path: Path, account: Account | None) -> Check:
+    """llama-server reads api_key_file at start and exits if it cannot."""
+    problem = file_problem(path, "api_key_file", "a file with one key per line",
+                           "create it (one key per line) or remove api_key_file",
+                           account_name(None))
+    if problem:
+        return fail("api key file", problem.message, problem.fix)
+    (denied,) = check_access(account, [(path, "r")])
+    if denied:
+        user = account_name(account)
+        return fail("api key file", f"{user} cannot read {path}: {denied}",
+                    f"chgrp the file to a group of {user} and chmod 640 it")
+    return ok("api key file", f"{path} is readable")
 
 
 def _read_fix(path: Path, account: Account | None, daemon: DaemonConfig) -> str:
@@ -278,17 +303,25 @@ def device_access_check(selected: Sequence[gpumod.Gpu], daemon: DaemonConfig,
                    account: Account | None) -> Check:
     user = account_name(account)
     nodes = [daemon.host.dev_root / "kfd", *(g.render_node for g in selected)]
-    absent = [n for n in nodes if not n.exists()]
-    if absent:
-        return fail("device access", f"{absent[0]} does not exist",
-                    "load the amdgpu driver (modprobe amdgpu) and check dmesg")
+    for node in nodes:
+        try:
+            os.stat(node)
+        except FileNotFoundError:
+            return fail("device access", f"{node} does not exist",
+                        "load the amdgpu driver (modprobe amdgpu) and check dmesg")
+        except OSError as exc:
+            return fail("device access", f"{node}: {exc.strerror}",
+                        "check the device nodes and host.dev_root in mi50d.toml")
     denied = [(n, e) for n, e in zip(nodes, check_access(account, [(n, "rw") for n in nodes]),
                                      strict=True) if e]
     if denied:
         node, why = denied[0]
-        st = node.stat()
-        return fail("device access", f"{user} cannot open {node} ({why}; mode "
-                    f"{stat.filemode(st.st_mode)} gid {st.st_gid})",
+        try:
+            st = node.stat()
+            mode = f"; mode {stat.filemode(st.st_mode)} gid {st.st_gid}"
+        except OSError:
+            mode = ""
+        return fail("device access", f"{user} cannot open {node} ({why}{mode})",
                     f"usermod -aG render,video {user}, and a udev rule giving {node.name} "
                     "group render mode 0660")
     return ok("device access", f"{user} can open {', '.join(str(n) for n in nodes)}")

@@ -64,7 +64,7 @@ from dataclasses import dataclass
 
 from mi50d.config import InstanceConfig
 from mi50d.host.checks import Check, fail, ok, skip, warn
-from mi50d.host.ggufmeta import GGUFInfo
+from mi50d.host.ggufmeta import GGUFError, GGUFInfo
 from mi50d.host.gpus import Gpu
 
 MiB = 1 << 20
@@ -100,12 +100,17 @@ FA_OFF_KV = 2
 # by 14990 MiB (of which ~88 MiB was cuBLAS's first use) (§5).
 POOL_LOOK_AHEAD = 1.05
 POOL_ALIGN = 256
+MAX_LAYERS = 512  # llama.cpp's LLAMA_MAX_LAYERS: the estimate's work is bounded by it
 _LAYER = re.compile(r"^blk\.(\d+)\.")
 # e.g. "load_tensors:   CPU_Mapped model buffer size =    70.31 MiB", possibly after a
 # "0.00.012.255 I " timestamp prefix; kinds: model, KV, compute, output, RS.
+# Linear in the line's length: the look-behind starts `func` only at the start of a word, and the
+# possessive quantifiers never hand characters back (`\w+` alone retried from every position of a
+# long word, quadratic: 64 KiB of letters took 10 s). Lines are scanned up to MAX_SCAN characters.
 _BUFFER = re.compile(
-    r"(?P<func>\w+): +(?P<device>\S+) +(?P<kind>model|KV|compute|output|RS) buffer size "
-    r"= +(?P<mib>[0-9.]+) MiB")
+    r"(?<!\w)(?P<func>\w++): +(?P<device>\S++) +(?P<kind>model|KV|compute|output|RS) buffer "
+    r"size = +(?P<mib>[0-9.]++) MiB")
+MAX_SCAN = 4096
 _GPU_DEVICE = re.compile(r"^(?:ROCm|CUDA|HIP)(\d+)")
 
 
@@ -173,8 +178,12 @@ def context_size(inst: InstanceConfig, model: GGUFInfo) -> int:
 
 def estimate(inst: InstanceConfig, model: GGUFInfo, mmproj_bytes: int = 0,
              n_gpus: int = 1, *, legacy_pool: bool = True) -> Estimate:
-    """The formula in the module docstring; `n_gpus` 0 means a CPU-only instance."""
+    """The formula in the module docstring; `n_gpus` 0 means a CPU-only instance. Raises
+    GGUFError for a block_count llama.cpp would refuse (its work and memory follow that count)."""
     n_layer = model.arch_int("block_count") or 0
+    if not 0 <= n_layer <= MAX_LAYERS:
+        raise GGUFError(f"{model.architecture}.block_count = {n_layer}, but llama.cpp allows "
+                        f"0 to {MAX_LAYERS} layers: corrupt")
     offloaded = gpu_layer_count(inst.n_gpu_layers, n_layer) if n_gpus else 0
     blocks = min(max(offloaded - 1, 0), n_layer)
     first_gpu_layer = n_layer - blocks
@@ -343,7 +352,9 @@ def parse_buffers(lines: Iterable[str]) -> Measured:
     other buffer lines starts a new load (llama-server may load twice, e.g. to fit memory)."""
     current: list[Buffer] = []
     for line in lines:
-        m = _BUFFER.search(line)
+        if "buffer size" not in line:
+            continue
+        m = _BUFFER.search(line[:MAX_SCAN])
         if not m:
             continue
         buf = Buffer(m.group("kind"), m.group("device"), round(float(m.group("mib")) * MiB))
