@@ -78,7 +78,17 @@ def read_text(path: Path, limit: int = MAX_TEXT) -> str:
     with os.fdopen(fd, "rb", buffering=0) as f:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(errno.EINVAL, "not a regular file", str(path))
-        data = f.read(limit + 1)
+        # One read(2) of a procfs or sysfs file returns at most a page or so (seq_file): read
+        # until end of file, as mountinfo on a host with many mounts is longer than that.
+        chunks: list[bytes] = []
+        size = 0
+        while size <= limit:
+            chunk = f.read(limit + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        data = b"".join(chunks)
     if len(data) > limit:
         raise OSError(errno.EFBIG, f"over {limit} bytes", str(path))
     return data.decode("utf-8", errors="replace")
