@@ -71,9 +71,10 @@ class _Scrape:
 
     def collect(self) -> Iterable[Metric]:
         exp = self._exporter
-        gpus = list_gpus(exp.supervisor.config.daemon.host)
+        host = exp.supervisor.config.daemon.host
+        gpus = list_gpus(host)
         upstream = exp.upstream.relabel(self._fetched)  # counts parse errors before they are read
-        yield from instance_families(self._views, gpus)
+        yield from instance_families(self._views, gpus, host.sysfs_root)
         yield from gpu_families(gpus)
         yield from exp.registry.collect()
         yield from upstream
