@@ -27,6 +27,8 @@ from mi50d.host.preflight import expects_gpu
 from mi50d.host.vram import estimate
 from mi50d.metrics.gpus import gpu_label
 
+_STATES = [str(s) for s in State]
+
 
 @dataclass(frozen=True)
 class InstanceView:
@@ -87,11 +89,12 @@ def instance_families(views: Sequence[InstanceView], gpus: Sequence[Gpu],
                               "its GPUs by mi50d's estimate from the model's GGUF header",
                               labels=["instance"])
     labels = {g.index: gpu_label(g) for g in gpus}
-    indices = gpu_indices(sysfs_root) if gpus else {}
+    alive = any(v.status.pid is not None for v in views)
+    indices = gpu_indices(sysfs_root) if gpus and alive else {}
     for view in views:
         st = view.status
-        for s in State:
-            state.add_metric([st.name, str(s)], 1 if st.state == s else 0)
+        for s in _STATES:
+            state.add_metric([st.name, s], 1 if st.state == s else 0)
         up.add_metric([st.name], 1 if st.state == State.RUNNING else 0)
         restarts.add_metric([st.name], st.restarts)
         if st.pid is not None and st.state in ALIVE and indices:

@@ -1,8 +1,8 @@
 """The aiohttp route for the gateway's listener: `GET /metrics` in the Prometheus text format.
 
-Wiring (daemon, at merge): `async with Exporter(supervisor) as exporter:` inside serve(), hand
-`metrics_routes(exporter)` to the gateway's app factory as `extra_routes` and `exporter.gateway`
-to it as its observer; the `async with` closes the upstream session after the gateway stops.
+Wiring in `daemon.serve` (the lead's, at merge): `exporter = Exporter(supervisor)` and
+`GatewayService(..., observer=exporter.gateway, extra_routes=metrics_routes(exporter))`; enter
+`async with exporter:` before `gateway.open()` and leave it after `gateway.close()`.
 """
 
 from __future__ import annotations
