@@ -265,7 +265,8 @@ def test_relabel_keeps_names_and_labels_every_sample_with_its_instance() -> None
          "llamacpp:requests_processing 2\n"
          "# TYPE llamacpp:tokens_predicted_total counter\n"
          "llamacpp:tokens_predicted_total{instance=\"x\"} 17\n"
-         "# TYPE mi50d_instance_up gauge\nmi50d_instance_up 5\n")
+         "# TYPE mi50d_instance_up gauge\nmi50d_instance_up 5\n"
+         "# TYPE process_open_fds gauge\nprocess_open_fds 7\n")
     b = ("# TYPE llamacpp:requests_processing_total counter\nllamacpp:requests_processing_total 9\n"
          "# TYPE llamacpp:tokens_predicted_total counter\nllamacpp:tokens_predicted_total 4\n")
     out = up.relabel([Fetched("a", a), Fetched("b", b), Fetched("c", '{"status":"ok"}')])
@@ -298,6 +299,16 @@ async def test_an_unreadable_api_key_file_is_counted(tmp_path: Path) -> None:
         await rec.wait("k", "running")
         _, fams = await scrape(exp)
     assert value(fams, "mi50d_upstream_scrape_errors_total", instance="k", reason="api_key") == 1
+
+
+@pytest.mark.asyncio
+async def test_an_answer_past_the_size_limit_is_left_out(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "etc", on_host(host_tree(tmp_path)), {"big": fake(free_port())})
+    async with exporting(cfg) as (_sup, rec, exp):
+        exp.upstream.max_body = 8  # the fake server's answer is 15 bytes
+        await rec.wait("big", "running")
+        _, fams = await scrape(exp)
+    assert value(fams, "mi50d_upstream_scrape_errors_total", instance="big", reason="too_large") == 1
 
 
 @pytest.mark.asyncio

@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 DEFAULT_TIMEOUT_S = 2.0
 MAX_BODY = 8 << 20  # far above what one llama-server reports (a few kB)
-OWN_PREFIX = "mi50d_"
+OWN_PREFIXES = ("mi50d_", "process_")  # our families; an upstream one by these names is dropped
 
 
 @dataclass(frozen=True)
@@ -42,8 +42,10 @@ class Fetched:
 class Upstream:
     """One client session (connection pool) for every instance's /metrics; `async with` it."""
 
-    def __init__(self, registry: CollectorRegistry, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(self, registry: CollectorRegistry, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 max_body: int = MAX_BODY) -> None:
         self.timeout_s = timeout_s
+        self.max_body = max_body
         self.errors = Counter(
             "mi50d_upstream_scrape_errors", "Scrapes of an instance's own /metrics that were "
             "left out: reason timeout, connect, http_<status>, too_large, parse or api_key",
@@ -80,14 +82,14 @@ class Upstream:
                     if resp.status != 200:
                         self.errors.labels(target.instance, f"http_{resp.status}").inc()
                         return None
-                    body = await resp.content.read(MAX_BODY + 1)
+                    body = await _read_limited(resp.content, self.max_body)
         except TimeoutError:
             self.errors.labels(target.instance, "timeout").inc()
             return None
         except (aiohttp.ClientError, OSError):
             self.errors.labels(target.instance, "connect").inc()
             return None
-        if len(body) > MAX_BODY:
+        if body is None:
             self.errors.labels(target.instance, "too_large").inc()
             return None
         return Fetched(target.instance, body.decode("utf-8", "replace"))
@@ -103,7 +105,7 @@ class Upstream:
                 self.errors.labels(answer.instance, "parse").inc()
                 continue
             for fam in parsed:
-                if fam.name.startswith(OWN_PREFIX):
+                if fam.name.startswith(OWN_PREFIXES):
                     continue
                 out = families.get(fam.name)
                 if out is None:
@@ -117,6 +119,17 @@ class Upstream:
                     labels["instance"] = answer.instance
                     out.add_sample(s.name, labels, s.value, s.timestamp)
         return list(families.values())
+
+
+async def _read_limited(stream: aiohttp.StreamReader, limit: int) -> bytes | None:
+    """The whole body, or None once it passes `limit` bytes."""
+    chunks, size = [], 0
+    async for chunk in stream.iter_chunked(1 << 16):
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _first_key(path: Path) -> str | None:
