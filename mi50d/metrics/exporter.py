@@ -12,7 +12,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable, Sequence
 
-from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import Metric
 
 from mi50d.engine.states import State
@@ -32,6 +37,9 @@ class Exporter:
     client session lives as long as the block)."""
 
     def __init__(self, supervisor: Supervisor, upstream_timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        # Process-wide in prometheus_client: `*_created` samples are separate series to
+        # Prometheus 2.x (one more per counter and histogram child); nothing here needs them.
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in the library
         self.supervisor = supervisor
         self.registry = CollectorRegistry(auto_describe=False)
         self.engine = EngineMetrics(self.registry)
