@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
+from mi50d.config import load_config
 from mi50d.engine.supervisor import Supervisor
 from mi50d.host.ggufmeta import read_gguf
 from mi50d.host.vram import estimate
@@ -229,6 +230,28 @@ async def test_start_and_probe_histograms_and_a_restart(tmp_path: Path) -> None:
     assert value(fams, "mi50d_instance_restarts_total", instance="a") == 1
     assert value(fams, "mi50d_instance_start_duration_seconds_count", instance="a") == 2
     assert value(fams, "mi50d_instance_up", instance="a") == 1
+
+
+@pytest.mark.asyncio
+async def test_a_removed_instance_leaves_no_series(tmp_path: Path) -> None:
+    etc, root = tmp_path / "etc", host_tree(tmp_path)
+    probed_often = {"interval_s": 0.05}
+    cfg = write_config(etc, on_host(root), {"a": fake(free_port(), health=probed_often),
+                                            "b": fake(free_port())})
+    async with exporting(cfg) as (sup, rec, exp):
+        with observed(sup, "health_probe") as probed:
+            await rec.wait("a", "running")
+            await rec.wait("b", "running")
+            probed.clear()
+            await probed.wait()
+        _, fams = await scrape(exp)  # the fake's JSON answers are counted as parse errors
+        assert values(fams, "mi50d_instance_health_probe_duration_seconds_count", instance="a")
+        assert values(fams, "mi50d_upstream_scrape_errors_total", instance="a")
+        (etc / "a.toml").unlink()
+        await sup.apply(load_config(etc), sup.account)
+        _, fams = await scrape(exp)
+    assert [s for f in fams.values() for s in f.samples if s.labels.get("instance") == "a"] == []
+    assert value(fams, "mi50d_instance_up", instance="b") == 1
 
 
 # ---- upstream /metrics ---------------------------------------------------------------------

@@ -7,6 +7,9 @@ of the health path) and "health_probe" (one probe of a running instance, answere
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Histogram
 
 START_BUCKETS = (0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 900)
@@ -23,8 +26,22 @@ class EngineMetrics:
             "running instance, answered or timed out", ["instance"], buckets=PROBE_BUCKETS,
             registry=registry)
 
+        self._seen: set[str] = set()
+
     def observe(self, name: str, event: str, seconds: float) -> None:
         if event == "start":
             self.start.labels(name).observe(seconds)
         elif event == "health_probe":
             self.probe.labels(name).observe(seconds)
+        else:
+            return
+        self._seen.add(name)
+
+    def forget_all_but(self, names: Iterable[str]) -> None:
+        """Drop the series of instances no longer configured (removed by a reload)."""
+        gone = self._seen.difference(names)
+        for name in gone:
+            for histogram in (self.start, self.probe):
+                with contextlib.suppress(KeyError):
+                    histogram.remove(name)
+        self._seen -= gone

@@ -58,6 +58,9 @@ class Exporter:
     async def render(self) -> bytes:
         """The Prometheus text format of everything, as of now."""
         views = snapshot(self.supervisor)
+        names = [v.status.name for v in views]
+        self.engine.forget_all_but(names)
+        self.upstream.forget_all_but(names)
         fetched = await self.upstream.fetch_all(upstream_targets(views))
         return await asyncio.to_thread(generate_latest, _Scrape(self, views, fetched))
 

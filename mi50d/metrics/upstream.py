@@ -12,6 +12,7 @@ of that scrape and counted in `mi50d_upstream_scrape_errors_total{instance,reaso
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,7 @@ class Upstream:
             "left out: reason timeout, connect, http_<status>, too_large, parse or api_key",
             ["instance", "reason"], registry=registry)
         self._session: aiohttp.ClientSession | None = None
+        self._counted: set[tuple[str, str]] = set()
 
     async def __aenter__(self) -> Upstream:
         # No total timeout on the session: each fetch runs under asyncio.timeout(timeout_s).
@@ -73,26 +75,38 @@ class Upstream:
         if target.api_key_file is not None:
             key = _first_key(target.api_key_file)
             if key is None:
-                self.errors.labels(target.instance, "api_key").inc()
+                self._count(target.instance, "api_key")
                 return None
             headers["Authorization"] = f"Bearer {key}"
         try:
             async with asyncio.timeout(self.timeout_s):
                 async with self._session.get(target.url, headers=headers) as resp:
                     if resp.status != 200:
-                        self.errors.labels(target.instance, f"http_{resp.status}").inc()
+                        self._count(target.instance, f"http_{resp.status}")
                         return None
                     body = await _read_limited(resp.content, self.max_body)
         except TimeoutError:
-            self.errors.labels(target.instance, "timeout").inc()
+            self._count(target.instance, "timeout")
             return None
         except (aiohttp.ClientError, OSError):
-            self.errors.labels(target.instance, "connect").inc()
+            self._count(target.instance, "connect")
             return None
         if body is None:
-            self.errors.labels(target.instance, "too_large").inc()
+            self._count(target.instance, "too_large")
             return None
         return Fetched(target.instance, body.decode("utf-8", "replace"))
+
+    def _count(self, instance: str, reason: str) -> None:
+        self.errors.labels(instance, reason).inc()
+        self._counted.add((instance, reason))
+
+    def forget_all_but(self, names: Iterable[str]) -> None:
+        """Drop the error series of instances no longer configured (removed by a reload)."""
+        keep = set(names)
+        for instance, reason in [k for k in list(self._counted) if k[0] not in keep]:
+            with contextlib.suppress(KeyError):
+                self.errors.remove(instance, reason)
+            self._counted.discard((instance, reason))
 
     def relabel(self, fetched: Iterable[Fetched]) -> list[Metric]:
         """The families of every answer merged by name, each sample labelled with its instance.
@@ -102,7 +116,7 @@ class Upstream:
             try:
                 parsed = list(text_string_to_metric_families(answer.text))
             except Exception:  # foreign text: any parser failure leaves this answer out
-                self.errors.labels(answer.instance, "parse").inc()
+                self._count(answer.instance, "parse")
                 continue
             for fam in parsed:
                 if fam.name.startswith(OWN_PREFIXES):
