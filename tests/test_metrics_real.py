@@ -254,3 +254,25 @@ async def test_scrape_answers_while_an_instance_is_stopped(
         errors = exp.registry.get_sample_value("mi50d_upstream_scrape_errors_total",
                                                {"instance": "a", "reason": "timeout"})
         assert errors == 1
+
+
+@pytest.mark.asyncio
+async def test_an_instance_behind_an_api_key_is_scraped_with_its_key(
+    tmp_path: Path, llama_server: Path, tiny_model: Path
+) -> None:
+    key = tmp_path / "keys"
+    key.write_text("\nsecret-for-metrics\nanother\n")
+    cfg = write_config(tmp_path / "etc", on_host(host_tree(tmp_path)),
+                       {"k": llama_instance(llama_server, tiny_model, api_key_file=str(key))})
+    async with exporting(cfg, UPSTREAM_TIMEOUT_S) as (sup, rec, exp), \
+            aiohttp.ClientSession() as client:
+        await rec.wait("k", "running")
+        endpoint = sup.get("k").config.endpoint()
+        async with client.get(f"{endpoint}/metrics") as resp:
+            assert resp.status == 401  # llama-server wants the key for /metrics
+        text = (await exp.render()).decode()
+    fams = list(text_string_to_metric_families(text))
+    upstream = [s for f in fams if not f.name.startswith(("mi50d_", "process_"))
+                for s in f.samples]
+    assert upstream and all(s.labels["instance"] == "k" for s in upstream)
+    assert "mi50d_upstream_scrape_errors_total{" not in text
