@@ -29,7 +29,7 @@ from mi50d.host.ggufmeta import read_gguf
 from mi50d.host.vram import estimate
 from mi50d.metrics.exporter import Exporter
 from mi50d.metrics.gateway import GatewayMetrics
-from mi50d.metrics.routes import metrics_routes
+from mi50d.metrics.routes import metrics_routes, upstream_timeout
 from mi50d.metrics.upstream import Fetched, Upstream
 from tests.ggufwriter import write_model
 from tests.support import Recorder, fake_daemon, fake_env, free_port, supervising, write_config
@@ -279,6 +279,35 @@ async def test_an_upstream_that_does_not_answer_is_left_out_within_the_timeout(
     assert value(fams, "mi50d_upstream_scrape_errors_total", instance="h", reason="timeout") == 1
     assert values(fams, "mi50d_upstream_scrape_errors_total", reason="timeout") == [1]
     assert value(fams, "mi50d_instance_state", instance="h", state="running") == 1
+
+
+@pytest.mark.asyncio
+async def test_the_scrapers_timeout_bounds_the_upstream_fetches(tmp_path: Path) -> None:
+    slow = {"interval_s": 60, "timeout_s": 30}
+    cfg = write_config(tmp_path / "etc", on_host(host_tree(tmp_path)),
+                       {"h": fake(free_port(), health=slow)})
+    # The exporter would wait 60 s; Prometheus says it waits 0.5 s for the whole scrape.
+    async with exporting(cfg, timeout_s=60) as (sup, rec, exp), serving(exp) as url, \
+            aiohttp.ClientSession() as client:
+        await rec.wait("h", "running")
+        pid = sup.status("h")[0].pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            async with asyncio.timeout(15), client.get(
+                    url, headers={"X-Prometheus-Scrape-Timeout-Seconds": "0.5"}) as resp:
+                assert resp.status == 200
+                fams = {f.name: f for f in text_string_to_metric_families(await resp.text())}
+        finally:
+            os.kill(pid, signal.SIGCONT)
+    assert value(fams, "mi50d_upstream_scrape_errors_total", instance="h", reason="timeout") == 1
+
+
+@pytest.mark.parametrize(("header", "expected"), [
+    (None, None), ("10", 8.0), ("0.5", 0.4), ("0", None), ("-1", None), ("soon", None),
+    ("nan", None), ("inf", None)])
+def test_upstream_share_of_the_scrape_timeout(header: str | None, expected: float | None) -> None:
+    assert upstream_timeout(header) == expected
 
 
 def test_relabel_keeps_names_and_labels_every_sample_with_its_instance() -> None:

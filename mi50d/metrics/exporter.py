@@ -55,13 +55,14 @@ class Exporter:
     async def __aexit__(self, *exc: object) -> None:
         await self.upstream.__aexit__(*exc)
 
-    async def render(self) -> bytes:
-        """The Prometheus text format of everything, as of now."""
+    async def render(self, upstream_timeout_s: float | None = None) -> bytes:
+        """The Prometheus text format of everything, as of now; upstream fetches wait at most
+        `upstream_timeout_s` (default: the exporter's)."""
         views = snapshot(self.supervisor)
         names = [v.status.name for v in views]
         self.engine.forget_all_but(names)
         self.upstream.forget_all_but(names)
-        fetched = await self.upstream.fetch_all(upstream_targets(views))
+        fetched = await self.upstream.fetch_all(upstream_targets(views), upstream_timeout_s)
         return await asyncio.to_thread(generate_latest, _Scrape(self, views, fetched))
 
 

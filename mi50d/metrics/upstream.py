@@ -64,12 +64,14 @@ class Upstream:
             await self._session.close()
             self._session = None
 
-    async def fetch_all(self, targets: Sequence[Target]) -> list[Fetched]:
-        """Every target at once; those that answered 200 in time."""
-        found = await asyncio.gather(*(self._fetch(t) for t in targets))
+    async def fetch_all(self, targets: Sequence[Target],
+                        timeout_s: float | None = None) -> list[Fetched]:
+        """Every target at once; those that answered 200 within `timeout_s` (default: ours)."""
+        wait = self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)
+        found = await asyncio.gather(*(self._fetch(t, wait) for t in targets))
         return [f for f in found if f is not None]
 
-    async def _fetch(self, target: Target) -> Fetched | None:
+    async def _fetch(self, target: Target, timeout_s: float) -> Fetched | None:
         assert self._session is not None, "use `async with Upstream(...)`"
         headers = {}
         if target.api_key_file is not None:
@@ -79,7 +81,7 @@ class Upstream:
                 return None
             headers["Authorization"] = f"Bearer {key}"
         try:
-            async with asyncio.timeout(self.timeout_s):
+            async with asyncio.timeout(timeout_s):
                 async with self._session.get(target.url, headers=headers) as resp:
                     if resp.status != 200:
                         self._count(target.instance, f"http_{resp.status}")
