@@ -20,7 +20,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from bench.metrics_scrape import host_paths, host_tree
+from bench.metrics_scrape import free_ports, host_paths, host_tree
 from bench.procs import cpu_seconds, free_port, wait_until
 from bench.stats import Row, paired, text_table
 from tests.support import fake_daemon, fake_env, write_config
@@ -31,7 +31,8 @@ COUNT = 16
 
 
 def config(work: Path, name: str, root: Path) -> Path:
-    insts = {f"f{i:03d}": {"model": "/dev/null", "port": free_port(), "autostart": True,
+    ports = free_ports(COUNT)
+    insts = {f"f{i:03d}": {"model": "/dev/null", "port": ports[i], "autostart": True,
                            "env": fake_env(), "metrics": False, "gpus": [i % 2]}
              for i in range(COUNT)}
     return write_config(work / name, fake_daemon(host=host_paths(root)), insts)

@@ -51,9 +51,20 @@ def host_paths(root: Path) -> dict[str, str]:
             "rocm_path": str(root / "opt" / "rocm")}
 
 
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports (the kernel may hand out a just-closed one twice)."""
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
 def fake_config(work: Path, count: int, root: Path) -> Path:
     health = {"interval_s": 5.0, "timeout_s": 3.0}
-    insts = {f"f{i:03d}": {"model": "/dev/null", "port": free_port(), "autostart": True,
+    ports = free_ports(count)
+    insts = {f"f{i:03d}": {"model": "/dev/null", "port": ports[i], "autostart": True,
                            "env": fake_env(), "health": health, "metrics": False,
                            "gpus": [i % 2]}
              for i in range(count)}
