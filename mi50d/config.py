@@ -128,6 +128,7 @@ class InstanceSettings(_Model):
     autostart: Flag = False
     requires_mounts: tuple[AbsPath, ...] = ()
     force_vram: Flag = False
+    metrics: Flag = True  # llama-server's /metrics, re-exported by mi50d.metrics
     restart: RestartConfig = RestartConfig()
     health: HealthConfig = HealthConfig()
     stop: StopConfig = StopConfig()
@@ -201,6 +202,8 @@ class InstanceConfig(InstanceSettings):
                 argv += [flag, str(value)]
         if self.jinja:
             argv.append("--jinja")
+        if self.metrics:
+            argv.append("--metrics")
         argv += list(self.args)
         return argv
 

@@ -11,6 +11,7 @@ APT_PACKAGES=(
     dbus systemd-container debootstrap            # the end-to-end test under real systemd
     dpkg-dev debhelper dh-virtualenv fakeroot     # building the .deb
     util-linux procps iproute2 curl ntfs-3g       # nsenter, ps, ss, curl, a real NTFS mount in tests
+    prometheus                                    # a real Prometheus scraping /metrics in tests
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -24,6 +25,10 @@ if ((${#missing[@]})); then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    # The tests start their own Prometheus on loopback; the package's service is not wanted.
+    if [[ " ${missing[*]} " == *" prometheus "* ]] && [ -d /run/systemd/system ]; then
+        systemctl disable --now prometheus.service >/dev/null 2>&1 || true
+    fi
 fi
 
 if [ ! -x .venv/bin/python ]; then

@@ -17,6 +17,7 @@ RANKS: dict[str, int] = {
     "mi50d.cli": 0,
     "mi50d.daemon": 1,
     "mi50d.control": 2,
+    "mi50d.metrics": 2,
     "mi50d.engine": 3,
     "mi50d.llama": 3,
     "mi50d.host": 4,

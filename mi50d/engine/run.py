@@ -54,6 +54,7 @@ class Hooks:
     diagnose: Callable[[InstanceConfig], Diagnose] | None = None
     degraded: Callable[[InstanceConfig], Degraded] | None = None
     buffers: Callable[[InstanceConfig], Callable[[Sequence[str]], dict[int, int]]] | None = None
+    observe: Callable[[str, str, float], None] | None = None  # metrics: (instance, event, seconds)
 
     def preflight_job(self, config: InstanceConfig, daemon: DaemonConfig,
                       account: Account | None) -> Job | None:
@@ -69,6 +70,10 @@ class Hooks:
 
     def buffers_of(self, config: InstanceConfig) -> Callable[[Sequence[str]], dict[int, int]] | None:
         return None if self.buffers is None else self.buffers(config)
+
+    def observed(self, name: str, event: str, seconds: float) -> None:
+        if self.observe is not None:
+            self.observe(name, event, seconds)
 
 
 class Watched(Protocol):
@@ -204,11 +209,14 @@ def probe_address(config: InstanceConfig) -> tuple[str, int]:
 async def health_watch(inst: Watched) -> tuple[Outcome, str]:
     """Wait for the first 200, then watch; return only on a hang or a start timeout."""
     cfg = inst.config.health
+    clock = asyncio.get_running_loop().time
+    spawned = clock()  # the watch starts with the process
     try:
         async with asyncio.timeout(cfg.start_timeout_s):
             await _until_ready(inst)
     except TimeoutError:
         return Outcome.START_FAILED, f"not ready within start_timeout_s={cfg.start_timeout_s:g}"
+    inst.hooks.observed(inst.name, "start", clock() - spawned)
     # What it logged while loading is read once, in a worker thread, from lines cut short.
     lines = tuple(inst.lines)
     degraded = inst.hooks.degraded_of(inst.config)
@@ -222,12 +230,12 @@ async def health_watch(inst: Watched) -> tuple[Outcome, str]:
     host, port = probe_address(inst.config)
     # Probes keep a fixed schedule (a slow, timed-out probe does not push the next one back),
     # so a hang is caught within interval_s * failures + timeout_s.
-    clock = asyncio.get_running_loop().time
     due = clock()
     while True:
         due = max(due + cfg.interval_s, clock())
         await asyncio.sleep(due - clock())
         result = await probe(host, port, cfg.path, cfg.timeout_s)
+        inst.hooks.observed(inst.name, "health_probe", clock() - due)  # it began when due
         if result.ok:
             if failures:
                 log.info("health_recovered instance=%s", inst.name)

@@ -56,6 +56,7 @@ class Supervisor:
         self._closing: set[Instance] = set()  # removed by a reload, still stopping
         self._tg: asyncio.TaskGroup | None = None
         self.on_change: list[Callable[[], None]] = []
+        self.observe: Callable[[str, str, float], None] = lambda name, event, seconds: None
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -91,7 +92,8 @@ class Supervisor:
             on_change=self._changed,
             on_line=self._line,
             hooks=Hooks(preflight=preflight, diagnose=diagnose_failure,
-                        degraded=degraded_reason, buffers=_buffers),
+                        degraded=degraded_reason, buffers=_buffers,
+                        observe=lambda name, event, s: self.observe(name, event, s)),
             hold=hold,
         )
         self._instances[config.name] = inst

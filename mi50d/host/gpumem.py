@@ -9,6 +9,8 @@ topology node's `gpu_id` file; the GPU's index is its place among the GPU nodes,
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from pathlib import Path
 
 from mi50d.host import kfd
@@ -30,16 +32,22 @@ def gpu_indices(sysfs_root: Path) -> dict[int, int]:
     return out
 
 
-def process_vram(sysfs_root: Path, pid: int) -> dict[int, int]:
-    """{GPU index: bytes} that `pid` holds; {} for a process that never opened /dev/kfd."""
-    base = sysfs_root / PROC / str(pid)
-    if not base.is_dir():
+def process_vram(sysfs_root: Path, pid: int,
+                 indices: Mapping[int, int] | None = None) -> dict[int, int]:
+    """{GPU index: bytes} that `pid` holds; {} for a process that never opened /dev/kfd.
+    `indices` is `gpu_indices(sysfs_root)`, for callers that ask about many processes at once."""
+    base = os.path.join(sysfs_root, PROC, str(pid))
+    try:
+        names = [n for n in os.listdir(base) if n.startswith("vram_")]  # not Path.glob: 10x faster
+    except OSError:
         return {}
-    indices = gpu_indices(sysfs_root)
+    if indices is None:
+        indices = gpu_indices(sysfs_root)
     held: dict[int, int] = {}
-    for entry in base.glob("vram_*"):
+    for name in names:
         try:
-            gpu_id, size = int(entry.name.removeprefix("vram_")), int(entry.read_text())
+            with open(os.path.join(base, name)) as f:
+                gpu_id, size = int(name.removeprefix("vram_")), int(f.read())
         except (OSError, ValueError):
             continue
         if gpu_id in indices and size > 0:

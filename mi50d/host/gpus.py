@@ -4,7 +4,8 @@ A GPU's index is its position among the GPU nodes of the KFD topology (`mi50d.ho
 order ROCr enumerates agents in and so the index ROCR_VISIBLE_DEVICES takes. Each KFD node names
 its DRM render minor; `/sys/class/drm/renderD<minor>` leads to the PCI device with the amdgpu
 files read here: VRAM (`mem_info_vram_total/used`, bytes), load (`gpu_busy_percent`), and the
-hwmon sensors (temperatures in m°C labelled edge/junction/mem, power in µW). Every read root comes
+hwmon sensors (temperatures in m°C labelled edge/junction/mem, power in µW, clocks in Hz labelled
+sclk/mclk), and the card's `unique_id` where the kernel has one (Vega20 does). Every read root comes
 from `HostPaths`; a file that is missing reads as None, never as an error.
 This module also owns parsing `rocminfo` output, for doctor's cross-check with KFD.
 """
@@ -39,6 +40,8 @@ class Gpu:
     busy_percent: int | None = None
     temperatures_c: Mapping[str, float] = field(default_factory=dict)
     power_w: float | None = None
+    clocks_hz: Mapping[str, int] = field(default_factory=dict)
+    unique_id: str | None = None
 
     @property
     def vram_free(self) -> int | None:
@@ -103,6 +106,8 @@ def _with_device(gpu: Gpu, device: Path) -> Gpu:
         busy_percent=_read_int(device / "gpu_busy_percent"),
         temperatures_c=_temperatures(hwmon) if hwmon else {},
         power_w=_power(hwmon) if hwmon else None,
+        clocks_hz=_labelled(hwmon, "freq") if hwmon else {},
+        unique_id=_read_text(device / "unique_id"),
     )
 
 
@@ -112,18 +117,26 @@ def _hwmon(device: Path) -> Path | None:
 
 
 def _temperatures(hwmon: Path) -> dict[str, float]:
-    temps = {}
-    for sensor in sorted(hwmon.glob("temp[0-9]*_input")):
+    return {label: value / 1000 for label, value in _labelled(hwmon, "temp").items()}
+
+
+def _labelled(hwmon: Path, kind: str) -> dict[str, int]:
+    """`<kind>N_input` values by their `<kind>N_label` (else by `<kind>N`)."""
+    found = {}
+    for sensor in sorted(hwmon.glob(f"{kind}[0-9]*_input")):
         prefix = sensor.name.removesuffix("_input")
         value = _read_int(sensor)
         if value is None:
             continue
-        try:
-            label = (hwmon / f"{prefix}_label").read_text().strip()
-        except OSError:
-            label = prefix
-        temps[label] = value / 1000
-    return temps
+        found[_read_text(hwmon / f"{prefix}_label") or prefix] = value
+    return found
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
 
 
 def _power(hwmon: Path) -> float | None:
