@@ -5,17 +5,22 @@ from __future__ import annotations
 
 import click
 
-from mi50ctl.client import Client
+from mi50ctl.client import REPLY_TIMEOUT_S, Client
+from mi50ctl.errors import EPILOG
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
 @click.option("--socket", "socket_path", envvar="MI50D_SOCKET", metavar="PATH",
               help="mi50d's control socket (default: `socket` in /etc/mi50d/mi50d.toml, else "
                    "/run/mi50d/control.sock).")
+@click.option("--reply-timeout", "reply_timeout_s", envvar="MI50CTL_REPLY_TIMEOUT",
+              type=click.FloatRange(min=0, max=24 * 3600, min_open=True), metavar="SECONDS",
+              default=REPLY_TIMEOUT_S, show_default=True,
+              help="How long to wait for each reply of mi50d before giving up (exit 75).")
 @click.pass_context
-def cli(ctx: click.Context, socket_path: str | None) -> None:
+def cli(ctx: click.Context, socket_path: str | None, reply_timeout_s: float) -> None:
     """Control mi50d, the llama-server supervisor for AMD MI50 GPUs."""
-    ctx.obj = Client(socket_path)
+    ctx.obj = Client(socket_path, reply_timeout_s=reply_timeout_s)
 
 
 # Commands are registered below, one module per area.

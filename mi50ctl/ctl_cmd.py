@@ -1,23 +1,23 @@
 """`mi50ctl status|start|stop|restart|reload|logs`: the daemon's control commands.
 
-Exit codes (LSB/supervisorctl style): 0 ok; 1 a start that failed or timed out, or another
-error; 3 `status`: the named instance (or an autostart one) is not running; 4 unknown instance;
-69 (EX_UNAVAILABLE) mi50d unreachable; 78 (EX_CONFIG) `reload` rejected the configuration.
-Errors are ClickException subclasses, rendered by click on stderr.
+Exit codes are listed in `mi50ctl.errors` (and `mi50ctl --help`); errors are ClickException
+subclasses, rendered by click on stderr.
 """
 
 from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import click
 
 from mi50ctl import render
-from mi50ctl.client import AccessDenied, Client, ClientError, DaemonUnavailable, RemoteError
+from mi50ctl.client import Client
+from mi50ctl.errors import EX_NOT_RUNNING, client_errors
 from mi50d.control.protocol import (
+    MAX_NAME,
+    MAX_TIMEOUT_S,
     EventFrame,
     InstancesResult,
     LogsChunk,
@@ -28,53 +28,25 @@ from mi50d.control.protocol import (
     StatusResult,
 )
 
-EX_NOT_RUNNING = 3
-EX_UNKNOWN = 4
-EX_UNAVAILABLE = 69
-EX_CONFIG = 78
 START_FRAME_TIMEOUT_S = 60.0  # the daemon sends start progress at least every second
 
 pass_client = click.make_pass_decorator(Client)
+_errors = client_errors
+
+# Instance names and waits within the protocol's bounds: refused here as usage errors (exit 2),
+# never as a traceback from the request's validation.
+TIMEOUT_TYPE = click.FloatRange(min=0, max=MAX_TIMEOUT_S, min_open=True)
 
 
-class Unreachable(click.ClickException):
-    exit_code = EX_UNAVAILABLE
-
-
-class UnknownName(click.ClickException):
-    exit_code = EX_UNKNOWN
-
-
-class ConfigRejected(click.ClickException):
-    exit_code = EX_CONFIG
+def check_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is not None and not 1 <= len(value) <= MAX_NAME:
+        raise click.BadParameter(f"an instance name has 1 to {MAX_NAME} characters, not "
+                                 f"{len(value)}")
+    return value
 
 
 class StartFailed(click.ClickException):
     exit_code = 1
-
-
-@contextlib.contextmanager
-def _errors() -> Iterator[None]:
-    """Turn the client's failures into messages and exit codes."""
-    try:
-        yield
-    except AccessDenied as exc:
-        raise Unreachable(f"permission denied on {exc.path}; join the group: "
-                          "sudo usermod -aG mi50d $USER, then log in again") from None
-    except DaemonUnavailable as exc:
-        if exc.detail in ("no socket", "nothing listens"):
-            raise Unreachable(f"mi50d is not running ({exc.detail} at {exc.path}); start it: "
-                              "systemctl start mi50d") from None
-        raise Unreachable(f"mi50d: {exc}") from None
-    except RemoteError as exc:
-        if exc.code == "unknown_instance":
-            raise UnknownName(exc.message) from None
-        if exc.code == "config_error":
-            lines = [*exc.details, "reload rejected; the running set was kept"]
-            raise ConfigRejected("\n".join(lines)) from None
-        raise click.ClickException(f"mi50d: {exc.message} ({exc.code})") from None
-    except ClientError as exc:
-        raise Unreachable(str(exc)) from None
 
 
 def _target(name: str | None, all_: bool) -> dict[str, Any]:
@@ -84,7 +56,7 @@ def _target(name: str | None, all_: bool) -> dict[str, Any]:
 
 
 @click.command()
-@click.argument("name", required=False)
+@click.argument("name", required=False, callback=check_name)
 @click.option("--json", "as_json", is_flag=True, help="Print the daemon's reply as JSON.")
 @pass_client
 @click.pass_context
@@ -109,7 +81,8 @@ def _follow_start(client: Client, name: str, wait: bool, timeout_s: float | None
     result: StartResult | None = None
     with _errors():
         try:
-            for frame in client.stream("start", args, timeout_s=START_FRAME_TIMEOUT_S):
+            for frame in client.stream("start", args,
+                                      timeout_s=min(START_FRAME_TIMEOUT_S, client.reply_timeout_s)):
                 if isinstance(frame, EventFrame):
                     progress.update(StartProgress.model_validate(frame.event))
                 else:
@@ -130,9 +103,9 @@ def _follow_start(client: Client, name: str, wait: bool, timeout_s: float | None
 
 
 @click.command()
-@click.argument("name")
+@click.argument("name", callback=check_name)
 @click.option("--no-wait", is_flag=True, help="Return once the start is requested.")
-@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True),
+@click.option("--timeout", "timeout_s", type=TIMEOUT_TYPE,
               metavar="SECONDS", help="Stop waiting after this long (it keeps starting).")
 @pass_client
 def start(client: Client, name: str, no_wait: bool, timeout_s: float | None) -> None:
@@ -141,7 +114,7 @@ def start(client: Client, name: str, no_wait: bool, timeout_s: float | None) -> 
 
 
 @click.command()
-@click.argument("name", required=False)
+@click.argument("name", required=False, callback=check_name)
 @click.option("--all", "all_", is_flag=True, help="Every instance.")
 @pass_client
 def stop(client: Client, name: str | None, all_: bool) -> None:
@@ -153,10 +126,10 @@ def stop(client: Client, name: str | None, all_: bool) -> None:
 
 
 @click.command()
-@click.argument("name", required=False)
+@click.argument("name", required=False, callback=check_name)
 @click.option("--all", "all_", is_flag=True, help="Every instance.")
 @click.option("--no-wait", is_flag=True, help="Return once the start is requested.")
-@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True),
+@click.option("--timeout", "timeout_s", type=TIMEOUT_TYPE,
               metavar="SECONDS", help="Stop waiting after this long (it keeps starting).")
 @pass_client
 def restart(client: Client, name: str | None, all_: bool, no_wait: bool,
@@ -191,7 +164,7 @@ def reload(client: Client) -> None:
 
 
 @click.command()
-@click.argument("name")
+@click.argument("name", callback=check_name)
 @click.option("-n", "lines", type=click.IntRange(0, 100_000), default=50, show_default=True,
               help="How many of the last lines.")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines until Ctrl-C.")

@@ -160,7 +160,7 @@ def test_cli_doctor_and_check(world: Path) -> None:
     assert done.exit_code == 1 and data["ok"] is False
     assert {c["name"]: c["status"] for c in data["checks"]}["vram"] == "fail"
     done = runner.invoke(cli, ["check", "nope", "--config-dir", str(cfg)])
-    assert done.exit_code == 1 and "no instance 'nope'" in done.output and "tiny" in done.output
+    assert done.exit_code == 4 and "no instance 'nope'" in done.output and "tiny" in done.output
 
 
 def test_cli_check_ok_exits_zero(world: Path) -> None:

@@ -20,6 +20,7 @@ from pydantic import BaseModel
 
 from mi50d import __version__
 from mi50d.config import HostPaths
+from mi50d.control import checks
 from mi50d.control.protocol import (
     DaemonInfo,
     GpuStatus,
@@ -272,4 +273,6 @@ HANDLERS: dict[str, Command] = {
     "restart": Command(restart, mutates=True, streams=False),
     "reload": Command(reload, mutates=True, streams=False),
     "logs": Command(logs, mutates=False, streams=True),
+    "check": Command(checks.check, mutates=False, streams=False),
+    "doctor": Command(checks.doctor, mutates=False, streams=False),
 }

@@ -21,6 +21,14 @@ Only `start` (with `wait`) and `logs` (with `follow`) send events; `logs --follo
 final frame: it streams until the client disconnects. A request that cannot be parsed gets an
 error with `id` null (or the id, if it could be read); a line over `MAX_LINE` gets `too_large` and
 the connection is closed, since the rest of that line cannot be told from the next request.
+
+A client that may not connect now gets one error frame with `id` null before the connection is
+closed, without its request being read: `too_many_clients` (its uid holds too many connections) or
+`busy` (mi50d is out of file descriptors).
+
+Versions: a new command is an addition, not a new version: an older mi50d answers it with
+`unknown_command`, which mi50ctl handles (`check` and `doctor` then run locally). The version
+changes only when an existing command or frame changes meaning; then both sides refuse the other.
 """
 
 from __future__ import annotations
@@ -32,6 +40,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 PROTOCOL_VERSION = 1
 MAX_LINE = 64 * 1024
+MAX_NAME = 200  # characters in an instance name on the wire
+MAX_TIMEOUT_S = 7 * 24 * 3600
 # The daemon's default socket when mi50d.toml says nothing (mirrors config.DEFAULT_SOCKET, which a
 # test keeps equal); the Debian package's mi50d.socket listens on the same path.
 DEFAULT_SOCKET = "/run/mi50d/control.sock"
@@ -45,6 +55,8 @@ class ErrorCode(StrEnum):
     UNKNOWN_INSTANCE = "unknown_instance"
     CONFIG_ERROR = "config_error"  # reload rejected; `details` lists every problem
     INTERNAL = "internal"  # a bug in mi50d; the traceback is in the daemon's journal
+    TOO_MANY_CLIENTS = "too_many_clients"  # this uid holds too many connections; closed after
+    BUSY = "busy"  # mi50d is out of file descriptors; closed after, try again shortly
 
 
 class _Model(BaseModel):
@@ -91,8 +103,8 @@ class DaemonInfo(_Model):
 
 # ---- requests ------------------------------------------------------------------------------------
 
-Name = Annotated[str, Field(min_length=1, max_length=200)]
-Timeout = Annotated[float, Field(gt=0, le=7 * 24 * 3600)]
+Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME)]
+Timeout = Annotated[float, Field(gt=0, le=MAX_TIMEOUT_S)]
 
 
 class StatusArgs(_Args):
@@ -121,6 +133,14 @@ class LogsArgs(_Args):
     name: Name
     n: Annotated[int, Field(ge=0, le=100_000)] = 50
     follow: bool = False
+
+
+class CheckArgs(_Args):
+    name: Name
+
+
+class DoctorArgs(_Args):
+    pass
 
 
 class _Request(_Model):
@@ -160,12 +180,23 @@ class LogsRequest(_Request):
     args: LogsArgs
 
 
+class CheckRequest(_Request):
+    command: Literal["check"]
+    args: CheckArgs
+
+
+class DoctorRequest(_Request):
+    command: Literal["doctor"]
+    args: DoctorArgs = DoctorArgs()
+
+
 Request = Annotated[
-    StatusRequest | StartRequest | StopRequest | RestartRequest | ReloadRequest | LogsRequest,
+    StatusRequest | StartRequest | StopRequest | RestartRequest | ReloadRequest | LogsRequest
+    | CheckRequest | DoctorRequest,
     Field(discriminator="command"),
 ]
 _REQUEST: TypeAdapter[Request] = TypeAdapter(Request)
-COMMANDS = ("status", "start", "stop", "restart", "reload", "logs")
+COMMANDS = ("status", "start", "stop", "restart", "reload", "logs", "check", "doctor")
 
 
 class _Envelope(BaseModel):
@@ -244,6 +275,42 @@ class LogsChunk(_Model):
 class LogsResult(_Model):
     name: str
     lines: list[str]
+
+
+class CheckInfo(_Model):
+    """One check (`mi50d.host.checks.Check` on the wire)."""
+
+    name: str
+    status: Literal["ok", "warn", "fail", "skip"]
+    message: str
+    fix: str | None = None
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class CheckedAs(_Model):
+    """Who ran the checks: mi50d itself, as the account its instances run as."""
+
+    pid: int
+    account: str  # the instances' account (the daemon's own when it is not root)
+    config_dir: str  # the files checked, read from disk at the time of the request
+
+
+class CheckResult(_Model):
+    """`check NAME`: the instance's preflight. `problems` is set (and `checks` empty) when the
+    configuration directory does not load."""
+
+    checked_as: CheckedAs
+    instance: str
+    checks: list[CheckInfo]
+    problems: list[str] = Field(default_factory=list)
+
+
+class DoctorResult(_Model):
+    """`doctor`: the host checklist and every instance's preflight."""
+
+    checked_as: CheckedAs
+    host: list[CheckInfo]
+    instances: dict[str, list[CheckInfo]] = Field(default_factory=dict)
 
 
 # ---- frames --------------------------------------------------------------------------------------

@@ -5,6 +5,12 @@ Every connection is a task in the server's own TaskGroup, which is one task of t
 connection can only end itself: malformed lines get an error frame, an oversized line gets
 `too_large` and the connection closed, a line not finished within `read_timeout_s` closes it, and a
 client that does not read its replies within `write_timeout_s` is dropped. Tracebacks go to the log.
+
+No client can break the listener: who may connect is decided per uid (`mi50d.control.admission`:
+root and the daemon's own uid always get in), an `accept()` error is logged and survived (out of
+file descriptors: waiting clients are told so, then the loop waits for a connection to end or
+`ACCEPT_BACKOFF_S`), and a reply that cannot be encoded (a file name that is not UTF-8) is sent
+with the offending bytes escaped.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import grp
+import json
 import logging
 import os
 import socket
@@ -24,6 +31,14 @@ from typing import Any
 from pydantic import BaseModel
 
 from mi50d.config import ConfigError
+from mi50d.control.admission import (
+    CLIENT_GONE,
+    OUT_OF_FDS,
+    Admission,
+    Spare,
+    accept_error_name,
+    refuse,
+)
 from mi50d.control.handlers import HANDLERS
 from mi50d.control.protocol import (
     MAX_LINE,
@@ -43,7 +58,7 @@ log = logging.getLogger("mi50d.control.server")
 
 READ_TIMEOUT_S = 10.0  # idle or half-sent line
 WRITE_TIMEOUT_S = 10.0  # a client not reading its replies
-MAX_CLIENTS = 256
+ACCEPT_BACKOFF_S = 1.0  # after an accept() error, unless a connection ends sooner
 SOCKET_MODE = 0o660
 
 
@@ -140,55 +155,108 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int] | None:
 class ControlServer:
     def __init__(self, daemon: DaemonView, sock: socket.socket, path: Path, *, activated: bool,
                  read_timeout_s: float = READ_TIMEOUT_S,
-                 write_timeout_s: float = WRITE_TIMEOUT_S) -> None:
+                 write_timeout_s: float = WRITE_TIMEOUT_S,
+                 admission: Admission | None = None) -> None:
         self.daemon = daemon
         self.sock = sock
         self.path = path
         self.activated = activated  # systemd's socket: never unlinked by us
         self.read_timeout_s = read_timeout_s
         self.write_timeout_s = write_timeout_s
-        self._clients = 0
+        self.admission = admission or Admission()
+        self._spare = Spare()
+        self._ended = asyncio.Event()  # a connection ended: a descriptor may be free again
+        self._starved = False  # in an episode of accept errors (logged once per episode)
+        self._refusals_logged: set[int | None] = set()
 
     async def serve(self) -> None:
-        """Accept clients until cancelled; cancelling ends every connection too."""
+        """Accept clients until cancelled; cancelling ends every connection too. Nothing a
+        client does, and no accept() error, ends this loop."""
         loop = asyncio.get_running_loop()
         async with asyncio.TaskGroup() as tg:
             while True:
-                conn, _ = await loop.sock_accept(self.sock)
-                if self._clients >= MAX_CLIENTS:
-                    log.warning("client_refused reason=too_many_clients limit=%d", MAX_CLIENTS)
-                    conn.close()
+                try:
+                    conn, _ = await loop.sock_accept(self.sock)
+                except OSError as exc:
+                    await self._accept_failed(exc)
                     continue
-                tg.create_task(self._connection(conn))
+                if self._starved:
+                    log.info("control_accept_recovered clients=%d", self.admission.total)
+                    self._starved = False
+                peer = peer_credentials(conn)
+                uid = peer[1] if peer else None
+                refusal = self.admission.refusal(uid)
+                if refusal is not None:
+                    self._log_refusal(uid, peer, refusal)
+                    refuse(conn, ErrorCode.TOO_MANY_CLIENTS, refusal)
+                    continue
+                self.admission.admit(uid)
+                tg.create_task(self._connection(conn, peer, uid))
 
     def close(self) -> None:
         """Stop listening; remove the socket file unless systemd owns it."""
         self.sock.close()
+        self._spare.close()
         if not self.activated:
             with contextlib.suppress(OSError):
                 self.path.unlink()
 
-    async def _connection(self, conn: socket.socket) -> None:
-        self._clients += 1
-        peer = peer_credentials(conn)
-        try:
-            reader, writer = await asyncio.open_unix_connection(sock=conn, limit=MAX_LINE)
-        except OSError:
-            self._clients -= 1
-            conn.close()
+    async def _accept_failed(self, exc: OSError) -> None:
+        """Log an accept() error and decide how soon to accept again; never raise."""
+        name = accept_error_name(exc)
+        if exc.errno in CLIENT_GONE:
+            log.info("control_accept_failed errno=%s (the client left first)", name)
             return
+        if not self._starved:
+            log.warning("control_accept_failed errno=%s clients=%d: %s; new clients are refused "
+                        "until connections end", name, self.admission.total,
+                        exc.strerror or exc)
+            self._starved = True
+        if exc.errno in OUT_OF_FDS:
+            told = self._spare.shed(self.sock)
+            if told:
+                log.info("control_clients_shed count=%d reason=%s", told, name)
+                return  # each was a waiting client: the backlog moved, no need to wait
+        # Wait for a connection to end (a descriptor is free again), at most the backoff: the
+        # shortage may be elsewhere in the daemon, and nothing else would wake us.
+        self._ended.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(ACCEPT_BACKOFF_S):
+                await self._ended.wait()
+
+    def _log_refusal(self, uid: int | None, peer: tuple[int, int, int] | None,
+                     refusal: str) -> None:
+        """Once per uid until one of its connections ends: a client retrying in a loop must not
+        flood the journal."""
+        if uid in self._refusals_logged:
+            return
+        self._refusals_logged.add(uid)
+        log.warning("client_refused reason=too_many_clients peer_uid=%s peer_pid=%s: %s", uid,
+                    peer[0] if peer else None, refusal)
+
+    async def _connection(self, conn: socket.socket, peer: tuple[int, int, int] | None,
+                          uid: int | None) -> None:
         try:
-            while await self._one_request(reader, writer, peer):
+            try:
+                reader, writer = await asyncio.open_unix_connection(sock=conn, limit=MAX_LINE)
+            except OSError:
+                conn.close()
+                return
+            try:
+                while await self._one_request(reader, writer, peer):
+                    pass
+            except _PeerGone:
                 pass
-        except _PeerGone:
-            pass
-        except Exception:  # a bug here must end one connection, not the daemon
-            log.exception("control_connection_failed peer=%s", peer)
+            except Exception:  # a bug here must end one connection, not the daemon
+                log.exception("control_connection_failed peer=%s", peer)
+            finally:
+                writer.close()
+                with contextlib.suppress(Exception):
+                    await writer.wait_closed()
         finally:
-            self._clients -= 1
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+            self.admission.release(uid)
+            self._refusals_logged.discard(uid)
+            self._ended.set()
 
     async def _one_request(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                            peer: tuple[int, int, int] | None) -> bool:
@@ -237,6 +305,9 @@ class ControlServer:
                 code=ErrorCode.CONFIG_ERROR, details=exc.problems,
                 message=f"configuration rejected ({len(exc.problems)} problem(s)); "
                         "running set kept"))
+        except ProtocolError as exc:  # a handler's refusal with its own code (busy, ...)
+            reply = ErrorFrame(id=request.id, error=ErrorInfo(
+                code=exc.code, message=exc.message, details=exc.details))
         except _PeerGone:
             raise
         except Exception:
@@ -266,7 +337,7 @@ class ControlServer:
 
     async def _send(self, writer: asyncio.StreamWriter, frame: BaseModel) -> None:
         try:
-            writer.write(encode(frame))
+            writer.write(frame_bytes(frame))
             async with asyncio.timeout(self.write_timeout_s):
                 await writer.drain()
         except TimeoutError:
@@ -275,6 +346,30 @@ class ControlServer:
             raise _PeerGone from None
         except (ConnectionError, RuntimeError):
             raise _PeerGone from None
+
+
+def frame_bytes(frame: BaseModel) -> bytes:
+    """`encode(frame)`, or, when a string in it is not valid Unicode (a non-UTF-8 file name read
+    with surrogateescape), the same frame with each such byte written as `\\xNN`."""
+    try:
+        return encode(frame)
+    except ValueError:  # pydantic's serialization error for a lone surrogate
+        data = _printable(frame.model_dump(mode="json"))
+        return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+
+
+def _printable(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            raw = value.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:  # a surrogate that is no escaped byte
+            raw = value.encode("utf-8", "backslashreplace")
+        return raw.decode("utf-8", "backslashreplace")
+    if isinstance(value, dict):
+        return {_printable(k): _printable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_printable(v) for v in value]
+    return value
 
 
 async def _eof(reader: asyncio.StreamReader) -> None:

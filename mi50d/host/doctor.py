@@ -73,18 +73,19 @@ GPU_CHECKS = frozenset({"rocm", "gpus", "rocminfo", "device access", "rocblas"})
 
 
 def host_checks(daemon: DaemonConfig, account: Account | None,
-                needs_gpu: bool = True) -> list[Check]:
+                needs_gpu: bool = True, socket_path: Path | None = None) -> list[Check]:
     """The host's checks. With `needs_gpu` False (every configured instance runs on the CPU:
     n_gpu_layers = 0) a failed GPU check is reported as a skip saying so: a CPU host is not
     broken for lacking ROCm."""
-    checks = _host_checks(daemon, account)
+    checks = _host_checks(daemon, account, socket_path)
     if needs_gpu:
         return checks
     return [skip(c.name, f"{c.message} (not needed: every instance runs on the CPU)")
             if c.failed and c.name in GPU_CHECKS else c for c in checks]
 
 
-def _host_checks(daemon: DaemonConfig, account: Account | None) -> list[Check]:
+def _host_checks(daemon: DaemonConfig, account: Account | None,
+                 socket_path: Path | None = None) -> list[Check]:
     host = daemon.host
     installed = rocm.find_rocm(host.rocm_path, os.environ)
     checks = [_rocm(installed, host.rocm_path)]
@@ -105,7 +106,7 @@ def _host_checks(daemon: DaemonConfig, account: Account | None) -> list[Check]:
             checks.append(rocblas_check(daemon))
     checks.append(_hip_tools(installed))
     checks.append(_build(daemon, account, expect_gpu=bool(found)))
-    checks.append(socket_check(daemon.socket, daemon.socket_group))
+    checks.append(socket_check(socket_path or daemon.socket, daemon.socket_group))
     return checks
 
 
@@ -222,8 +223,9 @@ def socket_check(path: Path, group: str = "mi50d") -> Check:
     return ok("daemon", f"mi50d answers on {path}")
 
 
-def run_doctor(config_dir: Path) -> Report:
-    """Host checks and every instance's preflight for the configuration in `config_dir`."""
+def run_doctor(config_dir: Path, socket_path: Path | None = None) -> Report:
+    """Host checks and every instance's preflight for the configuration in `config_dir`;
+    the daemon is looked for at `socket_path` (default: `socket` in its mi50d.toml)."""
     try:
         config = load_config(config_dir)
     except ConfigError as exc:
@@ -235,12 +237,13 @@ def run_doctor(config_dir: Path) -> Report:
         problem = fail("config", exc.problems[0] + (f" (+{len(exc.problems) - 1} more)"
                                                     if len(exc.problems) > 1 else ""),
                        "fix the file; mi50d --check-config lists every problem")
-        return Report([problem, account_check, *host_checks(daemon, account)])
+        return Report([problem, account_check,
+                       *host_checks(daemon, account, socket_path=socket_path)])
     account_check, account = _account(config.daemon)
     # a host with no instance yet is checked for what the MI50 needs
     needs_gpu = not config.instances or any(expects_gpu(i) for i in config.instances.values())
     host = [ok("config", f"{config_dir}: {len(config.instances)} instance(s)"), account_check,
-            *host_checks(config.daemon, account, needs_gpu)]
+            *host_checks(config.daemon, account, needs_gpu, socket_path)]
     daemon_up = any(c.name == "daemon" and c.status == "ok" for c in host)
     others = [Other(i.name, i.host, i.port) for i in config.instances.values()]
     instances = {name: _soften_port(run_preflight(inst, config.daemon, account, others),
@@ -258,8 +261,9 @@ def _soften_port(checks: list[Check], daemon_up: bool) -> list[Check]:
             for c in checks]
 
 
-def check_instance(config_dir: Path, name: str) -> list[Check]:
-    """One instance's preflight, as `mi50ctl check NAME`; raises ConfigError, UnknownInstance."""
+def check_instance(config_dir: Path, name: str, socket_path: Path | None = None) -> list[Check]:
+    """One instance's preflight, as `mi50ctl check NAME`; raises ConfigError, UnknownInstance.
+    The daemon is looked for at `socket_path` (default: `socket` in its mi50d.toml)."""
     config = load_config(config_dir)
     inst = config.instances.get(name)
     if inst is None:
@@ -268,4 +272,4 @@ def check_instance(config_dir: Path, name: str) -> list[Check]:
     _, account = _account(config.daemon)
     others = [Other(i.name, i.host, i.port) for i in config.instances.values()]
     return _soften_port(run_preflight(inst, config.daemon, account, others),
-                        socket_check(config.daemon.socket).status == "ok")
+                        socket_check(socket_path or config.daemon.socket).status == "ok")
