@@ -93,10 +93,14 @@ def _by_daemon(checked: CheckedAs) -> dict[str, Any]:
 
 def _here(config_dir: Path, why: str, again: str) -> dict[str, Any]:
     """Who a local check answers for, and a note when that is not the service account."""
-    from mi50d.control.checks import service_account
+    from mi50d.config import ConfigError, load_daemon_config
     from mi50d.host.access import account_name
 
-    me, service = account_name(None), service_account(config_dir)
+    me = account_name(None)
+    try:
+        service = load_daemon_config(config_dir).user
+    except ConfigError:
+        service = "the configured user"
     note = None
     if os.geteuid() == 0:
         account = service  # the access checks switch to it

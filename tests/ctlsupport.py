@@ -7,6 +7,7 @@ Readiness is awaited on the daemon's own READY=1 datagram, never on a timer.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pwd
 import select
@@ -217,3 +218,40 @@ def wait_until(predicate: Callable[[], bool], what: str, timeout: float = WAIT_S
 def process_state(pid: int) -> str:
     """The one-letter state of a process from /proc (R, S, T for stopped, Z, ...)."""
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def follow_request(name: str) -> bytes:
+    """A `logs -f` request line: a connection the daemon holds until the client leaves."""
+    request = {"v": 1, "id": 1, "command": "logs", "args": {"name": name, "n": 0, "follow": True}}
+    return json.dumps(request).encode() + b"\n"
+
+
+def first_frame(sock: socket.socket) -> dict[str, Any]:
+    """Read one frame, byte by byte (nothing of a later frame is consumed), under WAIT_S."""
+    sock.settimeout(WAIT_S)
+    line = b""
+    while not line.endswith(b"\n"):
+        byte = sock.recv(1)
+        if not byte:
+            raise AssertionError(f"connection closed before a whole frame: {line!r}")
+        line += byte
+    frame: dict[str, Any] = json.loads(line)
+    return frame
+
+
+def held_follower(path: Path, name: str) -> tuple[socket.socket, dict[str, Any]]:
+    """A connection asking for `logs -f NAME`, and the first frame it got: the backlog when it
+    is held, an error when it was refused (then it is closed)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(WAIT_S)
+    sock.connect(str(path))
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        sock.sendall(follow_request(name))
+    try:
+        frame = first_frame(sock)
+    except BaseException:
+        sock.close()
+        raise
+    if not frame["ok"]:
+        sock.close()
+    return sock, frame

@@ -55,8 +55,8 @@ def _timed_out(what: str) -> CheckInfo:
 
 
 def service_account(config_dir: Path) -> str:
-    """The account instances run as, by the configuration on disk (the daemon's own uid when it
-    is not root)."""
+    """The account this daemon's instances run as by the configuration on disk: the configured
+    `user` when it is root, else its own."""
     try:
         user = load_daemon_config(config_dir).user
     except ConfigError:
