@@ -91,7 +91,8 @@ def test_error_codes_on_one_connection(request: pytest.FixtureRequest) -> None:
                 assert "\n" not in reply["error"]["message"]
             unknown = c.ask(b'{"v": 1, "id": 9, "command": "launch"}\n')
             assert unknown["error"]["message"] == (
-                "unknown command 'launch'; known: status, start, stop, restart, reload, logs")
+                "unknown command 'launch'; known: status, start, stop, restart, reload, logs, "
+                "check, doctor")
             c.send(b"\n   \n")  # blank lines are skipped
             ok = c.ask(b'{"v": 1, "id": 10, "command": "status"}\n')
             assert ok["id"] == 10 and ok["ok"] is True

@@ -224,7 +224,7 @@ def test_permission_denied_names_the_group(request: pytest.FixtureRequest) -> No
         os.chmod(d.workdir, 0o755)  # nobody may reach the socket, not use it
         os.chmod(d.socket, 0o600)
         denied = d.ctl("status", user="nobody")
-        assert denied.returncode == 69, denied.stderr
+        assert denied.returncode == 77, denied.stderr  # refused, not unreachable
         assert denied.stderr.strip() == (
             f"Error: permission denied on {d.socket}; join the group: "
             "sudo usermod -aG mi50d $USER, then log in again")
