@@ -127,3 +127,32 @@ def test_check_of_a_broken_configuration_is_78_without_a_traceback() -> None:
             assert broken.returncode == 78, (extra, broken.stderr)
             assert "a.toml: port: Input should be less than or equal to 65535" in broken.stderr
             assert "Traceback" not in broken.stderr
+
+
+def test_check_of_inputs_that_break_the_checks_is_one_line_not_a_traceback() -> None:
+    # Each passed `--check-config` on the landed code and raised inside the checks. Once the
+    # configuration rejects them, `check` says so with 78; until then, one failed line (1).
+    bad = {
+        "nul-env": 'env = { A = "x\\u0000y" }\n',
+        "eq-key": 'env = { "A=B" = "x" }\n',
+        "long-host": f'host = "{"a" * 70}.example"\n',
+    }
+    with running_daemon({}, {"a": _instance()}) as d:
+        base = (d.config / "a.toml").read_text()
+        for port, (name, line) in enumerate(bad.items(), start=free_port()):
+            (d.config / f"{name}.toml").write_text(
+                base.replace("\nport = ", f"\nport = {port}\n# was ") + line)
+        for name in bad:
+            for extra in ((), ("--local", "--config-dir", str(d.config))):
+                result = d.ctl("check", name, *extra)
+                assert result.returncode in (1, 78), (name, extra, result.stderr)
+                assert "Traceback" not in result.stdout + result.stderr, (name, extra)
+                text = (result.stdout + result.stderr).strip().splitlines()
+                assert text and all(len(line) < 400 for line in text), (name, extra, text)
+        (d.config / "nul-env.toml").unlink()
+        (d.config / "eq-key.toml").unlink()
+        (d.config / "long-host.toml").unlink()
+        after = d.ctl("check", "a")  # and mi50d still answers (/dev/null is no GGUF: 1)
+        assert after.returncode == 1
+        assert after.stdout.splitlines()[-1].startswith("(checked by mi50d, pid ")
+        assert d.proc.poll() is None

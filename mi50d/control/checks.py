@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -35,6 +36,8 @@ from mi50d.host import doctor as host_doctor
 from mi50d.host.access import account_name
 from mi50d.host.accounts import AccountError, resolve_account
 from mi50d.host.checks import Check
+
+log = logging.getLogger("mi50d.control.checks")
 
 CHECK_TIMEOUT_S = 100.0
 MAX_RUNNING = 2
@@ -65,6 +68,14 @@ def service_account(config_dir: Path) -> str:
         return account_name(resolve_account(user))
     except AccountError:
         return f"{user} (no such user)"
+
+
+def _crashed(what: str, exc: Exception) -> Check:
+    """A check that raised: one failed line with the cause; the traceback goes to the log."""
+    log.error("check_crashed what=%s", what, exc_info=exc)
+    return Check("checks", "fail", f"{what} stopped on {type(exc).__name__}: {exc}",
+                 "a bug in mi50d (the traceback is in its journal); mi50d --check-config may "
+                 "name the input that caused it")
 
 
 async def _in_thread(job: Callable[[], T]) -> T:
@@ -115,6 +126,8 @@ async def check(daemon: DaemonView, args: CheckArgs, emit: object) -> CheckResul
             return [], exc.problems, account
         except host_doctor.UnknownInstance as exc:
             raise ProtocolError(ErrorCode.UNKNOWN_INSTANCE, str(exc)) from None
+        except Exception as exc:
+            return [_crashed(f"the checks of {args.name}", exc)], [], account
 
     try:
         checks, problems, account = await _in_thread(job)
@@ -134,7 +147,11 @@ async def doctor(daemon: DaemonView, args: DoctorArgs, emit: object) -> DoctorRe
     config_dir, socket_path = daemon.config_dir, daemon.socket_path
 
     def job() -> tuple[host_doctor.Report, str]:
-        return host_doctor.run_doctor(config_dir, socket_path), service_account(config_dir)
+        account = service_account(config_dir)
+        try:
+            return host_doctor.run_doctor(config_dir, socket_path), account
+        except Exception as exc:
+            return host_doctor.Report([_crashed("doctor", exc)]), account
 
     checked_as = CheckedAs(pid=os.getpid(), account="?", config_dir=str(config_dir))
     try:

@@ -18,10 +18,11 @@ Replies to a request carry its `id`. A request gets zero or more *event* frames,
     {"v": 1, "id": 7, "ok": false, "error": {"code": "...", "message": "one line", "details": []}}
 
 `check` and `doctor` run the host checks in mi50d, as the account instances run as (see
-`mi50d.control.checks`). Only `start` (with `wait`) and `logs` (with `follow`) send events; `logs --follow` never sends a
-final frame: it streams until the client disconnects. A request that cannot be parsed gets an
-error with `id` null (or the id, if it could be read); a line over `MAX_LINE` gets `too_large` and
-the connection is closed, since the rest of that line cannot be told from the next request.
+`mi50d.control.checks`). Only `start` (with `wait`) and `logs` (with `follow`) send events;
+`logs --follow` never sends a final frame: it streams until the client disconnects. A request
+that cannot be parsed gets an error with `id` null (or the id, if it could be read); a line over
+`MAX_LINE` gets `too_large` and the connection is closed, since the rest of that line cannot be
+told from the next request.
 
 A client that may not connect now gets one error frame with `id` null before the connection is
 closed, without its request being read: `too_many_clients` (its uid holds too many connections) or
