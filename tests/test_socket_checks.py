@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import threading
 from pathlib import Path
 
 from tests.ctlsupport import (
+    WAIT_S,
     Daemon,
     fake_instance,
     mi50ctl,
@@ -156,3 +159,31 @@ def test_check_of_inputs_that_break_the_checks_is_one_line_not_a_traceback() -> 
         assert after.returncode == 1
         assert after.stdout.splitlines()[-1].startswith("(checked by mi50d, pid ")
         assert d.proc.poll() is None
+
+
+def test_an_older_mi50d_without_check_leads_to_a_local_check() -> None:
+    # A new command is no new protocol version: an older mi50d answers unknown_command.
+    workdir = short_dir()
+    config = write_config(workdir / "cfg", {}, {"a": _instance()})
+    path = workdir / "old.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(path))
+        listener.listen(1)
+        listener.settimeout(WAIT_S)
+
+        def answer() -> None:
+            conn, _ = listener.accept()
+            with conn, conn.makefile("rb") as lines:
+                request = json.loads(lines.readline())
+                conn.sendall(json.dumps({"v": 1, "id": request["id"], "ok": False, "error": {
+                    "code": "unknown_command", "message": "unknown command 'check'; known: "
+                    "status, start, stop, restart, reload, logs"}}).encode() + b"\n")
+
+        peer = threading.Thread(target=answer)
+        peer.start()
+        result = mi50ctl("--socket", str(path), "check", "a", "--json",
+                         "--config-dir", str(config))
+        peer.join()
+    doc = json.loads(result.stdout)
+    assert doc["checked_by"]["where"] == "here"
+    assert {c["name"] for c in doc["checks"]} >= {"binary", "model", "port"}

@@ -226,8 +226,8 @@ class ControlServer:
 
     def _log_refusal(self, uid: int | None, peer: tuple[int, int, int] | None,
                      refusal: str) -> None:
-        """Once per uid until one of its connections ends: a client retrying in a loop must not
-        flood the journal."""
+        """Once per uid until a connection ends (a slot may be free again): a client retrying in
+        a loop must not flood the journal."""
         if uid in self._refusals_logged:
             return
         self._refusals_logged.add(uid)
@@ -255,7 +255,7 @@ class ControlServer:
                     await writer.wait_closed()
         finally:
             self.admission.release(uid)
-            self._refusals_logged.discard(uid)
+            self._refusals_logged.clear()
             self._ended.set()
 
     async def _one_request(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
