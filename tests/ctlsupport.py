@@ -31,6 +31,9 @@ BIN = Path(sys.executable).parent
 MI50D = str(BIN / "mi50d")
 MI50CTL = str(BIN / "mi50ctl")
 WAIT_S = 120.0  # upper bound for anything to happen; never a duration we rely on
+# Tests that run clients as other uids (setpriv) or chown files.
+AS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="runs clients as other uids (setpriv) "
+                             "and chowns files: needs root")
 
 
 def short_dir() -> Path:

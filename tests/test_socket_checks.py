@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 
 from tests.ctlsupport import (
+    AS_ROOT,
     WAIT_S,
     Daemon,
     fake_instance,
@@ -50,6 +51,7 @@ def _statuses(doc: dict[str, object], key: str = "checks") -> dict[str, str]:
     return {c["name"]: c["status"] for c in checks}
 
 
+@AS_ROOT
 def test_check_and_doctor_ask_mi50d_which_checks_as_the_service_account() -> None:
     workdir = short_dir()
     model = _private_model(workdir)

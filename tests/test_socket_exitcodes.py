@@ -11,7 +11,7 @@ import signal
 import socket
 import threading
 
-from tests.ctlsupport import WAIT_S, fake_instance, mi50ctl, running_daemon, short_dir
+from tests.ctlsupport import AS_ROOT, WAIT_S, fake_instance, mi50ctl, running_daemon, short_dir
 from tests.support import free_port
 
 
@@ -62,6 +62,7 @@ def test_another_protocol_is_76() -> None:
                                      "matching versions")
 
 
+@AS_ROOT
 def test_permission_denied_is_77_and_names_the_sockets_group() -> None:
     with running_daemon({"socket_group": "daemon"}, {"a": fake_instance(free_port())}) as d:
         os.chmod(d.workdir, 0o755)  # nobody may reach the socket, not use it: mode 0660, group daemon

@@ -15,6 +15,7 @@ from contextlib import ExitStack
 
 from mi50d.control.admission import PER_UID
 from tests.ctlsupport import (
+    AS_ROOT,
     WAIT_S,
     fake_instance,
     held_follower,
@@ -92,6 +93,7 @@ def test_accept_out_of_file_descriptors_is_survived() -> None:
         assert "Traceback" not in log
 
 
+@AS_ROOT
 def test_300_held_clients_of_one_uid_leave_root_and_others_served() -> None:
     with running_daemon({}, {"a": fake_instance(free_port())}) as d:
         os.chmod(d.workdir, 0o755)
