@@ -24,6 +24,7 @@ import os
 import socket
 import stat
 import struct
+import time
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,7 @@ log = logging.getLogger("mi50d.control.server")
 READ_TIMEOUT_S = 10.0  # idle or half-sent line
 WRITE_TIMEOUT_S = 10.0  # a client not reading its replies
 ACCEPT_BACKOFF_S = 1.0  # after an accept() error, unless a connection ends sooner
+REFUSAL_LOG_S = 60.0  # one journal line per refused uid in this long, with the count since
 SOCKET_MODE = 0o660
 
 
@@ -167,7 +169,7 @@ class ControlServer:
         self._spare = Spare()
         self._ended = asyncio.Event()  # a connection ended: a descriptor may be free again
         self._starved = False  # in an episode of accept errors (logged once per episode)
-        self._refusals_logged: set[int | None] = set()
+        self._refusals: dict[int | None, tuple[float, int]] = {}  # uid: (logged at, since)
 
     async def serve(self) -> None:
         """Accept clients until cancelled; cancelling ends every connection too. Nothing a
@@ -226,13 +228,16 @@ class ControlServer:
 
     def _log_refusal(self, uid: int | None, peer: tuple[int, int, int] | None,
                      refusal: str) -> None:
-        """Once per uid until a connection ends (a slot may be free again): a client retrying in
-        a loop must not flood the journal."""
-        if uid in self._refusals_logged:
+        """At most once per uid in REFUSAL_LOG_S: a client retrying in a loop must not flood
+        the journal (thousands of refusals a second are cheap to send, not to keep)."""
+        now = time.monotonic()
+        logged, since = self._refusals.get(uid, (-REFUSAL_LOG_S, 0))
+        if now - logged < REFUSAL_LOG_S:
+            self._refusals[uid] = (logged, since + 1)
             return
-        self._refusals_logged.add(uid)
-        log.warning("client_refused reason=too_many_clients peer_uid=%s peer_pid=%s: %s", uid,
-                    peer[0] if peer else None, refusal)
+        self._refusals[uid] = (now, 0)
+        log.warning("client_refused reason=too_many_clients peer_uid=%s peer_pid=%s "
+                    "refused_since_last=%d: %s", uid, peer[0] if peer else None, since, refusal)
 
     async def _connection(self, conn: socket.socket, peer: tuple[int, int, int] | None,
                           uid: int | None) -> None:
@@ -255,7 +260,6 @@ class ControlServer:
                     await writer.wait_closed()
         finally:
             self.admission.release(uid)
-            self._refusals_logged.clear()
             self._ended.set()
 
     async def _one_request(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
