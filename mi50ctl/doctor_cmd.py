@@ -142,6 +142,7 @@ def doctor(client: Client, as_json: bool, config_dir: Path, local: bool) -> None
         from mi50d.host.doctor import run_doctor
 
         who = _here(config_dir, why, "mi50ctl doctor")
+        _note(who, as_json)
         try:
             report = run_doctor(config_dir, Path(client.path))
         except Exception as exc:  # never a traceback; the daemon's log is not involved here
@@ -149,7 +150,6 @@ def doctor(client: Client, as_json: bool, config_dir: Path, local: bool) -> None
                          f"--config-dir {config_dir} may name the problem") from None
         host, instances = report.host, report.instances
     failed = any(c.failed for c in [*host, *(c for cs in instances.values() for c in cs)])
-    _note(who, as_json)
     if as_json:
         click.echo(json.dumps({"ok": not failed, "checked_by": who,
                                "host": [c.to_json() for c in host],
@@ -181,9 +181,9 @@ def check(client: Client, name: str, as_json: bool, config_dir: Path, local: boo
             raise ConfigRejected("\n".join(remote.problems))
         who, checks = _by_daemon(remote.checked_as), _checks(remote.checks)
     else:
-        who, checks = _here(config_dir, why, f"mi50ctl check {name}"), _local_check(
-            client, config_dir, name)
-    _note(who, as_json)
+        who = _here(config_dir, why, f"mi50ctl check {name}")
+        _note(who, as_json)
+        checks = _local_check(client, config_dir, name)
     if as_json:
         click.echo(json.dumps({"instance": name, "ok": not any(c.failed for c in checks),
                                "checked_by": who, "checks": [c.to_json() for c in checks]},
