@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections.abc import Sequence
 from typing import IO, Any
 
@@ -89,20 +90,26 @@ def _note(st: InstanceStatus) -> str:
     return note
 
 
-def status_table(instances: Sequence[InstanceStatus]) -> str:
+def status_table(instances: Sequence[InstanceStatus], gateway: bool = False) -> str:
     """One row per instance; the reason it is not running goes last, unpadded, so a long reason
-    does not push the other columns apart."""
+    does not push the other columns apart. With the gateway on: on demand, requests in flight
+    and when it was last used, too."""
     header = ("NAME", "STATE", "PID", "ENDPOINT", "UPTIME", "RESTARTS", "LAST EXIT", "GPUS",
-              "REASON")
+              *(("ON-DEMAND", "IN-FLIGHT", "LAST-USED") if gateway else ()), "REASON")
+    now = time.time()
     rows = [(st.name, st.state, str(st.pid) if st.pid else "-", _endpoint(st),
-             duration(st.uptime_s), str(st.restarts), st.last_exit or "-", _gpus(st), _note(st))
+             duration(st.uptime_s), str(st.restarts), st.last_exit or "-", _gpus(st),
+             *((("yes" if st.on_demand else "no"), str(st.in_flight),
+                "-" if st.last_used is None else f"{duration(max(now - st.last_used, 0))} ago")
+               if gateway else ()), _note(st))
             for st in instances]
     return table(header, rows)
 
 
 def daemon_line(info: DaemonInfo) -> str:
     return (f"mi50d {info.version}  pid {info.pid}  up {duration(info.uptime_s)}  "
-            f"config {info.config_dir}  socket {info.socket}")
+            f"config {info.config_dir}  socket {info.socket}"
+            + (f"  gateway {info.gateway}" if info.gateway else ""))
 
 
 def _gib(n: int | None) -> str:
@@ -123,7 +130,8 @@ def gpu_table(gpus: Sequence[GpuStatus]) -> str:
 
 
 def status_text(result: StatusResult, with_daemon: bool) -> str:
-    body = status_table(result.instances) if result.instances else "no instances configured"
+    body = (status_table(result.instances, gateway=result.daemon.gateway is not None)
+            if result.instances else "no instances configured")
     if with_daemon and result.gpus:
         body = f"{body}\n\n{gpu_table(result.gpus)}"
     return f"{daemon_line(result.daemon)}\n\n{body}" if with_daemon else body

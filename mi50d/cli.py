@@ -91,9 +91,13 @@ def main(config_dir: Path, socket_path: Path | None, check_config: bool, as_json
 
     from mi50d.control.server import ControlSocketError
     from mi50d.daemon import serve  # the event loop and everything under it
+    from mi50d.gateway.service import ListenError
 
     try:
         uvloop.run(serve(config, account, socket_path or config.daemon.socket))
-    except ControlSocketError as exc:
+    except (ControlSocketError, ListenError) as exc:
         click.echo(f"mi50d: {exc}", err=True)
         sys.exit(EX_CANTCREAT)
+    except ConfigError as exc:  # found once running, e.g. an unreadable gateway key file
+        click.echo(f"mi50d: {exc}", err=True)
+        sys.exit(EX_CONFIG)

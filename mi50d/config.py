@@ -21,6 +21,7 @@ from pydantic import (
     Field,
     Strict,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -129,6 +130,8 @@ class InstanceSettings(_Model):
     requires_mounts: tuple[AbsPath, ...] = ()
     force_vram: Flag = False
     metrics: Flag = True  # llama-server's /metrics, re-exported by mi50d.metrics
+    on_demand: Flag = False  # the gateway starts it on a request and may stop it (mi50d.gateway)
+    idle_unload_s: PositiveSeconds | None = None  # on_demand only: stop after this long unused
     restart: RestartConfig = RestartConfig()
     health: HealthConfig = HealthConfig()
     stop: StopConfig = StopConfig()
@@ -165,6 +168,13 @@ class InstanceSettings(_Model):
             )
         return self
 
+    @model_validator(mode="after")
+    def _idle_needs_on_demand(self) -> InstanceSettings:
+        if self.idle_unload_s is not None and not self.on_demand:
+            raise ValueError("idle_unload_s: only on_demand instances are unloaded by the "
+                             "gateway; set on_demand = true or remove idle_unload_s")
+        return self
+
 
 class InstanceConfig(InstanceSettings):
     """An instance as the supervisor sees it: its settings plus its name and source file."""
@@ -174,6 +184,11 @@ class InstanceConfig(InstanceSettings):
 
     def binary(self, daemon: DaemonConfig) -> Path:
         return self.llama_server or daemon.llama_server
+
+    @property
+    def model_name(self) -> str:
+        """The name clients ask for and responses carry: `alias`, else the instance's name."""
+        return self.alias or self.name
 
     def endpoint(self) -> str:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
@@ -190,7 +205,7 @@ class InstanceConfig(InstanceSettings):
             ("--n-gpu-layers", self.n_gpu_layers),
             ("--flash-attn", self.flash_attn),
             ("--threads", self.threads),
-            ("--alias", self.alias),
+            ("--alias", self.model_name),
             ("--api-key-file", self.api_key_file),
             ("--temp", self.temp),
             ("--top-p", self.top_p),
@@ -241,6 +256,37 @@ class HostPaths(_Model):
     mountinfo: AbsPath = Path("/proc/self/mountinfo")
 
 
+class GatewayConfig(_Model):
+    """`[gateway]` in mi50d.toml: the one OpenAI endpoint for every instance (`mi50d.gateway`)."""
+
+    listen: Text = ""  # "HOST:PORT"; empty: no gateway
+    api_key_file: AbsPath | None = None  # one key per line; every route but /health needs one
+    max_queue: Annotated[int, Strict(), Field(ge=0)] = 64  # requests waiting per model; then 429
+    swap_wait_s: PositiveSeconds = 120.0  # how long a swap waits for a victim's requests
+    max_body_bytes: Annotated[int, Strict(), Field(ge=1024)] = 64 << 20  # base64 images; 413
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        if value and listen_address(value) is None:
+            raise ValueError(f"{value!r} is not HOST:PORT; e.g. \"127.0.0.1:8070\" "
+                             "(\"[::1]:8070\" for IPv6), or \"\" for no gateway")
+        return value
+
+    def address(self) -> tuple[str, int] | None:
+        return listen_address(self.listen) if self.listen else None
+
+
+def listen_address(text: str) -> tuple[str, int] | None:
+    """Parse HOST:PORT: `127.0.0.1:8070` -> ("127.0.0.1", 8070), `[::1]:8070` -> ("::1", 8070);
+    None when it is not of that form."""
+    host, sep, port = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]") if host.startswith("[") else host
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        return None
+    return host, int(port)
+
+
 class DaemonConfig(_Model):
     """`mi50d.toml`: daemon-wide settings, all optional."""
 
@@ -252,6 +298,7 @@ class DaemonConfig(_Model):
     log_lines: Annotated[int, Strict(), Field(ge=10, le=100_000)] = 2000
     preflight: Flag = True
     host: HostPaths = HostPaths()
+    gateway: GatewayConfig = GatewayConfig()
     defaults: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -356,6 +403,7 @@ def load_config(directory: Path) -> Config:
         except ValidationError as exc:
             problems += describe_errors(path, exc, InstanceSettings)
     problems += _port_clashes(instances)
+    problems += _model_name_clashes(instances)
     if problems:
         raise ConfigError(problems)
     return Config(directory=directory, daemon=daemon, instances=instances)
@@ -369,4 +417,18 @@ def _port_clashes(instances: Mapping[str, InstanceConfig]) -> list[str]:
         if other != name:
             problems.append(f"{inst.source.name}: port: {inst.port} is already used by "
                             f"{other}.toml; pick a free port")
+    return problems
+
+
+def _model_name_clashes(instances: Mapping[str, InstanceConfig]) -> list[str]:
+    """A request's `model` picks an instance by name or alias: each must name one instance."""
+    seen: dict[str, str] = {name: name for name in instances}
+    problems = []
+    for name, inst in instances.items():
+        if inst.alias is None or inst.alias == name:
+            continue
+        other = seen.setdefault(inst.alias, name)
+        if other != name:
+            problems.append(f"{inst.source.name}: alias: {inst.alias!r} already names instance "
+                            f"{other}; pick another alias")
     return problems

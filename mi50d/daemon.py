@@ -21,6 +21,7 @@ from mi50d.config import Config, ConfigError, load_config
 from mi50d.control.server import ControlServer, ControlSocketError, bind_socket, socket_path_of
 from mi50d.engine.states import State
 from mi50d.engine.supervisor import ReloadReport, Supervisor, UnknownInstance
+from mi50d.gateway.service import GatewayService
 from mi50d.host.accounts import Account, account_for
 from mi50d.host.flashattn import with_host_defaults
 from mi50d.systemd import Notifier, announce, listen_socket, ping_watchdog
@@ -40,6 +41,7 @@ class Daemon:
         self.reload_requested = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self.on_reload: list[Callable[[bool], None]] = []  # called with True before, False after
+        self.gateway: GatewayService | None = None  # when [gateway] listen is set
 
     async def reload(self) -> ReloadReport:
         """Re-read the directory; raise ConfigError (running set untouched) or apply the diff."""
@@ -128,6 +130,8 @@ async def serve(config: Config, account: Account | None, socket_path: Path) -> N
     supervisor = Supervisor(config, account)
     daemon = Daemon(config, socket_path, supervisor)
     control = open_control(daemon, config, socket_path)  # listening before READY=1
+    if config.daemon.gateway.listen:
+        daemon.gateway = GatewayService(config.daemon.gateway, supervisor)
     changed = asyncio.Event()
     supervisor.on_change.append(changed.set)
     daemon.on_reload.append(
@@ -135,8 +139,12 @@ async def serve(config: Config, account: Account | None, socket_path: Path) -> N
     install_signal_handlers(daemon)
     settled = (lambda: autostart_settled(supervisor)) if config.daemon.wait_ready else None
     try:
+        if daemon.gateway is not None:
+            await daemon.gateway.open()  # listening before READY=1, like the control socket
         async with asyncio.TaskGroup() as tg:
             supervisor.launch(tg)
+            if daemon.gateway is not None:
+                daemon.gateway.launch(tg)
             serving = tg.create_task(control.serve(), name="control")
             watchdog = tg.create_task(ping_watchdog(notifier), name="watchdog")
             announcer = tg.create_task(announce(notifier, supervisor.summary, changed, settled),
@@ -156,6 +164,9 @@ async def serve(config: Config, account: Account | None, socket_path: Path) -> N
                 # 2. stop listening and end every control connection (streams end with it);
                 serving.cancel()
                 control.close()
+                #    then the gateway: stop listening, end its requests, close its session;
+                if daemon.gateway is not None:
+                    await daemon.gateway.close()
                 # 3. stop every instance (SIGTERM, their stop timeout, SIGKILL), all at once;
                 #    the watchdog keeps pinging meanwhile: a slow stop is not a hang;
                 await supervisor.shutdown()
@@ -164,4 +175,6 @@ async def serve(config: Config, account: Account | None, socket_path: Path) -> N
             watchdog.cancel()
     finally:
         control.close()  # also when startup failed inside the TaskGroup
+        if daemon.gateway is not None:
+            await daemon.gateway.close()
     log.info("daemon_stopped")

@@ -31,7 +31,8 @@ def test_good_directory_resolves_exact_command_and_environment() -> None:
     assert inst.argv(config.daemon) == [
         "/opt/llama/bin/llama-server", "--model", "/mnt/ssd/models/gpt-oss-20b-mxfp4.gguf",
         "--host", "0.0.0.0", "--port", "8080", "--ctx-size", "0", "--n-gpu-layers", "all",
-        "--flash-attn", "on", "--threads", "12", "--jinja", "--metrics", "--no-webui",
+        "--flash-attn", "on", "--threads", "12", "--alias", "gpt-oss-20b", "--jinja",
+        "--metrics", "--no-webui",
     ]
     env = inst.environment({"PATH": "/usr/bin", "HIP_VISIBLE_DEVICES": "1", "NOTIFY_SOCKET": "/x"})
     assert env == {"PATH": "/usr/bin", "ROCR_VISIBLE_DEVICES": "0",

@@ -33,8 +33,8 @@ def test_qwen3_vl_32b_is_the_seed_command_with_its_own_projector(tmp_path: Path)
         "--model", "/mnt/ssd/models/Qwen3VL-32B-Thinking-Q4_K_M.gguf",
         "--mmproj", "/mnt/ssd/models/mmproj-Qwen3VL-32B-Thinking-F16.gguf",  # not the 8B's
         "--host", "0.0.0.0", "--port", "8081", "--ctx-size", "32768", "--n-gpu-layers", "all",
-        "--flash-attn", "on", "--threads", "12", "--temp", "1.0", "--top-p", "0.95",
-        "--top-k", "20", "--presence-penalty", "0.0", "--jinja", "--metrics",
+        "--flash-attn", "on", "--threads", "12", "--alias", "qwen3-vl-32b", "--temp", "1.0",
+        "--top-p", "0.95", "--top-k", "20", "--presence-penalty", "0.0", "--jinja", "--metrics",
     ]
 
 
@@ -45,4 +45,4 @@ def test_gpt_oss_is_the_seed_command(tmp_path: Path) -> None:
     argv = config.instances["gpt-oss-20b"].argv(config.daemon)
     assert argv[1:] == ["--model", "/mnt/ssd/models/gpt-oss-20b-mxfp4.gguf", "--host", "0.0.0.0",
                         "--port", "8080", "--ctx-size", "0", "--n-gpu-layers", "all",
-                        "--threads", "12", "--jinja", "--metrics"]
+                        "--threads", "12", "--alias", "gpt-oss-20b", "--jinja", "--metrics"]

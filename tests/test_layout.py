@@ -18,6 +18,7 @@ RANKS: dict[str, int] = {
     "mi50d.daemon": 1,
     "mi50d.control": 2,
     "mi50d.metrics": 2,
+    "mi50d.gateway": 2,
     "mi50d.engine": 3,
     "mi50d.llama": 3,
     "mi50d.host": 4,

@@ -64,10 +64,16 @@ async def status(daemon: DaemonView, args: StatusArgs, emit: Emit) -> StatusResu
 
     Without `name`, every instance sorted by name. Errors: unknown_instance.
     """
+    gw = daemon.gateway
     info = DaemonInfo(version=__version__, pid=os.getpid(), config_dir=str(daemon.config_dir),
                       socket=str(daemon.socket_path),
-                      uptime_s=round(time.monotonic() - daemon.started, 3))
-    instances = daemon.supervisor.status(args.name)
+                      uptime_s=round(time.monotonic() - daemon.started, 3),
+                      gateway=gw.url if gw else None)
+    instances = [s.model_copy(update={
+        "on_demand": daemon.supervisor.get(s.name).config.on_demand,
+        "in_flight": gw.in_flight(s.name) if gw else 0,
+        "last_used": gw.last_used(s.name) if gw else None}) for s in
+        daemon.supervisor.status(args.name)]
     gpus = await asyncio.to_thread(gpu_status, daemon.supervisor.config.daemon.host)
     return StatusResult(daemon=info, instances=instances, gpus=gpus)
 

@@ -92,6 +92,9 @@ class InstanceStatus(_Model):
     vram: dict[int, int] = Field(default_factory=dict)  # bytes held per GPU index, when known
     diagnosis: str | None = None
     last_lines: tuple[str, ...] = ()  # output kept with the last failure
+    on_demand: bool = False  # the gateway starts and stops it
+    in_flight: int = 0  # gateway requests being answered now
+    last_used: float | None = None  # wall-clock end of its last gateway request
 
 
 class DaemonInfo(_Model):
@@ -101,6 +104,7 @@ class DaemonInfo(_Model):
     config_dir: str
     socket: str
     uptime_s: float
+    gateway: str | None = None  # the gateway's URL, when [gateway] listen is set
 
 
 # ---- requests ------------------------------------------------------------------------------------

@@ -12,6 +12,17 @@ from typing import Protocol
 from mi50d.engine.supervisor import ReloadReport, Supervisor
 
 
+class GatewayView(Protocol):
+    """What status shows of the gateway: its URL and each instance's traffic."""
+
+    @property
+    def url(self) -> str: ...
+
+    def in_flight(self, name: str) -> int: ...
+
+    def last_used(self, name: str) -> float | None: ...
+
+
 class DaemonView(Protocol):
     """The supervisor, where the configuration and socket are, when it started, and the reload path."""
 
@@ -26,6 +37,9 @@ class DaemonView(Protocol):
 
     @property
     def supervisor(self) -> Supervisor: ...
+
+    @property
+    def gateway(self) -> GatewayView | None: ...
 
     async def reload(self) -> ReloadReport:
         """Re-read the configuration directory; raise ConfigError or apply the difference."""

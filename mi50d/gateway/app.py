@@ -1,0 +1,214 @@
+"""The gateway's aiohttp application: its routes, the error middleware and the handlers.
+
+Handlers only carry out what the pure parts decide: `routing.resolve` picks the instance,
+`OnDemand.admit` waits for it (starting or swapping it in), `proxy.forward` streams the answer.
+The body is read once, up to `max_body_bytes` (413 past it), and decoded once to find `model`;
+the bytes received are what llama-server gets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from mi50d.config import GatewayConfig, InstanceConfig
+from mi50d.engine.supervisor import UnknownInstance
+from mi50d.gateway import keys as keymod
+from mi50d.gateway import routing
+from mi50d.gateway.errors import GatewayError, bad_request, envelope, error_response
+from mi50d.gateway.instances import Instances
+from mi50d.gateway.observer import Observer
+from mi50d.gateway.ondemand import OnDemand
+from mi50d.gateway.proxy import Exchange, forward, upstream_headers
+
+log = logging.getLogger("mi50d.gateway.app")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+OPEN_PATHS = frozenset({"/health"})  # answered without an API key
+
+
+class Gateway:
+    """The request handlers and what they share."""
+
+    def __init__(self, settings: GatewayConfig, instances: Instances, ondemand: OnDemand,
+                 session: aiohttp.ClientSession, observer: Observer,
+                 keys: frozenset[str] | None) -> None:
+        self.settings = settings
+        self.instances = instances
+        self.ondemand = ondemand
+        self.session = session
+        self.observer = observer
+        self.keys = keys
+        self._upstream_keys: dict[tuple[Path, int], str | None] = {}
+
+    # ---- handlers ----------------------------------------------------------------------------
+
+    async def health(self, request: web.Request) -> web.Response:
+        """The gateway's own health (an instance's is /upstream/NAME/health)."""
+        return web.json_response({"status": "ok"})
+
+    async def models(self, request: web.Request) -> web.Response:
+        """`GET /v1/models`: every routable instance under the name clients use, with its state."""
+        data = []
+        for name, conf in sorted(self.instances.config.instances.items()):
+            try:
+                state = str(self.instances.state(name))
+            except UnknownInstance:
+                continue
+            act = self.ondemand.activity(name)
+            data.append({"id": conf.model_name, "object": "model", "created": 0,
+                         "owned_by": "mi50d", "instance": name, "state": state,
+                         "on_demand": conf.on_demand, "in_flight": act.in_flight})
+        return web.json_response({"object": "list", "data": data})
+
+    async def by_model(self, request: web.Request) -> web.StreamResponse:
+        """`POST` to an OpenAI or llama-server route: the instance named by the body's `model`."""
+        body = await self._body(request)
+        model = model_of(body, self.instances.config.instances)
+        conf = routing.resolve(self.instances.config.instances, model)
+        return await self._serve(request, conf, request.path, body)
+
+    async def upstream(self, request: web.Request) -> web.StreamResponse:
+        """`/upstream/NAME/PATH`: anything, passed to one instance (its web UI, /props, /slots,
+        /metrics); an on-demand instance is started for it."""
+        conf = routing.resolve(self.instances.config.instances, request.match_info["name"])
+        body = await self._body(request)
+        return await self._serve(request, conf, "/" + request.match_info.get("tail", ""), body)
+
+    # ---- the shared path ---------------------------------------------------------------------
+
+    async def _body(self, request: web.Request) -> bytes:
+        limit = self.settings.max_body_bytes
+        too_large = GatewayError(413, f"the request body is over max_body_bytes={limit}; raise "
+                                 "[gateway] max_body_bytes in mi50d.toml", "body_too_large")
+        if request.content_length is not None and request.content_length > limit:
+            raise too_large
+        try:
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise too_large from None
+
+    async def _serve(self, request: web.Request, conf: InstanceConfig, path: str,
+                     body: bytes) -> web.StreamResponse:
+        model = conf.model_name
+        exchange = Exchange()
+        code = 500
+        self.observer.request_started(model)
+        try:
+            async with self.ondemand.admit(conf):
+                url = conf.endpoint() + path + (f"?{request.query_string}"
+                                                if request.query_string else "")
+                headers = upstream_headers(request.headers, self.keys is not None,
+                                           self._upstream_key(conf))
+                response = await forward(self.session, request, url, body, headers, exchange,
+                                         f"{model} ({conf.endpoint()})")
+            code = exchange.status
+            return response
+        except GatewayError as exc:
+            code = exc.status
+            raise
+        except UnknownInstance:
+            code = 503
+            raise GatewayError(503, f"{model} was removed by a reload meanwhile",
+                               "model_removed") from None
+        except (asyncio.CancelledError, ConnectionError):
+            code = 499  # the client left (nginx's number for it)
+            raise
+        finally:
+            prompt, generated = exchange.tail.counts()
+            self.observer.request_finished(
+                model, code, time.monotonic() - exchange.began,
+                exchange.first_chunk_s if exchange.streamed else None, prompt, generated)
+
+    def _upstream_key(self, conf: InstanceConfig) -> str | None:
+        """The instance's own llama-server key (its api_key_file), re-read when the file
+        changes."""
+        path = conf.api_key_file
+        if path is None:
+            return None
+        try:
+            stamp = (path, path.stat().st_mtime_ns)
+        except OSError:
+            return None
+        if stamp not in self._upstream_keys:
+            lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+            self._upstream_keys[stamp] = lines[0] if lines else None
+        return self._upstream_keys[stamp]
+
+    # ---- middleware --------------------------------------------------------------------------
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """API keys, and every error as an OpenAI envelope; a traceback only in the journal."""
+        if self.keys is not None and request.path not in OPEN_PATHS and not keymod.allowed(
+                self.keys, keymod.presented_key(request.headers)):
+            return error_response(GatewayError(
+                401, "missing or wrong API key: send `Authorization: Bearer KEY` or "
+                "`X-Api-Key: KEY` with a key from [gateway] api_key_file", "invalid_api_key"))
+        try:
+            return await handler(request)
+        except GatewayError as exc:
+            return error_response(exc)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return web.json_response(envelope(exc.status, _http_message(request, exc),
+                                              _http_code(exc.status)), status=exc.status)
+        except (asyncio.CancelledError, ConnectionError):
+            raise
+        except Exception:
+            log.exception("gateway_request_crashed method=%s path=%s", request.method,
+                          request.path)
+            return error_response(GatewayError(500, "internal error in mi50d's gateway; see "
+                                               "the journal (journalctl -u mi50d)", "internal"))
+
+
+def model_of(body: bytes, instances: dict[str, InstanceConfig]) -> str:
+    """The body's `model`, from one decoding of it; 400 with what to send otherwise."""
+    known = ", ".join(sorted({c.model_name for c in instances.values()})) or "none configured"
+    try:
+        doc = json.loads(body)
+    except ValueError as exc:
+        raise bad_request(f"the body is not JSON ({exc}); send a JSON object with \"model\" "
+                          f"naming one of: {known}") from None
+    if not isinstance(doc, dict):
+        raise bad_request(f"the body is JSON but not an object; send an object with \"model\" "
+                          f"naming one of: {known}")
+    model = doc.get("model")
+    if not isinstance(model, str) or not model:
+        raise bad_request(f"the body has no \"model\" string; set it to one of: {known}")
+    return model
+
+
+def _http_code(status: int) -> str:
+    return {404: "not_found", 405: "method_not_allowed"}.get(status, "http_error")
+
+
+def _http_message(request: web.Request, exc: web.HTTPException) -> str:
+    if exc.status == 404:
+        return (f"no route {request.method} {request.path[:200]}; the gateway serves POST "
+                f"{', '.join(routing.MODEL_ROUTES)}, GET /v1/models, /upstream/NAME/PATH and "
+                "GET /health")
+    if exc.status == 405:
+        return f"{request.method} is not allowed on {request.path[:200]}; use POST"
+    return f"{exc.status} {exc.reason}"
+
+
+def make_app(gateway: Gateway, extra_routes: Sequence[web.RouteDef] = ()) -> web.Application:
+    """The application: gateway routes plus `extra_routes` (e.g. /metrics), all behind the
+    key check and the error middleware."""
+    app = web.Application(middlewares=[gateway.middleware],
+                          client_max_size=gateway.settings.max_body_bytes)
+    routes = [web.get("/health", gateway.health), web.get("/v1/models", gateway.models)]
+    routes += [web.post(path, gateway.by_model) for path in routing.MODEL_ROUTES]
+    routes += [web.route("*", "/upstream/{name}", gateway.upstream),
+               web.route("*", "/upstream/{name}/{tail:.*}", gateway.upstream)]
+    app.add_routes([*routes, *extra_routes])
+    return app
