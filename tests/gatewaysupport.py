@@ -1,0 +1,78 @@
+"""Helpers for the gateway tests: a real Supervisor and a real gateway listening on a free port,
+in one TaskGroup, and a recorder of state changes merged with the test's own notes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from mi50d.config import load_config
+from mi50d.engine.supervisor import Supervisor
+from mi50d.gateway.service import GatewayService
+from mi50d.host.accounts import account_for
+from tests.support import Recorder
+
+
+class Timeline:
+    """Every state change of every instance as `name:state`, in order, with notes the test adds
+    (e.g. `kfd:released a`) in between: the order of events across instances."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.events: list[str] = []
+        self._last: dict[str, str] = {}
+        self._stack = contextlib.ExitStack()
+        self._sub = self._stack.enter_context(supervisor.events.subscribe(size=100_000))
+
+    def note(self, text: str) -> None:
+        self._drain()
+        self.events.append(text)
+
+    def _drain(self) -> None:
+        while not self._sub.queue.empty():
+            self._take(self._sub.queue.get_nowait())
+
+    def _take(self, event: dict[str, Any]) -> None:
+        if event["event"] != "state":
+            return
+        st = event["status"]
+        if self._last.get(st["name"]) != st["state"]:
+            self._last[st["name"]] = st["state"]
+            self.events.append(f"{st['name']}:{st['state']}")
+
+    async def wait(self, entry: str, timeout: float = 120) -> None:
+        """Until `entry` (e.g. `a:running`) has happened."""
+        async with asyncio.timeout(timeout):
+            while True:
+                self._drain()
+                if entry in self.events:
+                    return
+                self._take(await self._sub.get())
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+@contextlib.asynccontextmanager
+async def gateway_on(directory: Path) -> AsyncIterator[tuple[Supervisor, Recorder, GatewayService]]:
+    """A Supervisor and a GatewayService on `directory` (its mi50d.toml sets [gateway] listen),
+    shut down in the daemon's order on exit."""
+    config = load_config(directory)
+    sup = Supervisor(config, account_for(config))
+    rec = Recorder(sup)
+    gw = GatewayService(config.daemon.gateway, sup)
+    await gw.open()
+    try:
+        async with asyncio.TaskGroup() as tg:
+            sup.launch(tg)
+            gw.launch(tg)
+            try:
+                yield sup, rec, gw
+            finally:
+                await gw.close()
+                await sup.shutdown()
+    finally:
+        rec.close()
+        await gw.close()
