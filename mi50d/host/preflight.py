@@ -22,7 +22,7 @@ from pathlib import Path
 from mi50d.config import DaemonConfig, InstanceConfig
 from mi50d.host import gpus as gpumod
 from mi50d.host import rocm
-from mi50d.host.access import account_name, check_access, run_as
+from mi50d.host.access import account_name
 from mi50d.host.accounts import Account
 from mi50d.host.checks import Check, fail, ok, skip, warn
 from mi50d.host.diagnose import diagnose
@@ -31,6 +31,7 @@ from mi50d.host.ggufmeta import GGUFError, GGUFInfo, read_gguf
 from mi50d.host.mmproj import projector_check
 from mi50d.host.mounts import MountinfoError, foreign_hint, mount_of, noexec_fix, read_mounts
 from mi50d.host.mountunits import ensure_mounted
+from mi50d.host.preflightcache import cached_access, cached_run, device_files, runtime_files
 from mi50d.host.vram import check_fit, estimate
 
 VERSION_TIMEOUT_S = 30.0
@@ -117,14 +118,15 @@ def _binary(inst: InstanceConfig, daemon: DaemonConfig, account: Account | None,
     noexec, fix = _mount_note(binary, daemon)
     if noexec:
         return [fail("binary", f"{binary} is on a noexec mount", fix)]
-    (denied,) = check_access(account, [(binary, "x")])
+    (denied,) = cached_access(account, [(binary, "x")])
     if denied:
         return [fail("binary", f"{user} cannot execute {binary}: {denied}",
                      f"chmod 755 {binary} and make its directories searchable (o+x) for {user}")]
     if not run_binary:
         return [ok("binary", f"{binary} is executable by {user}")]
     env = inst.environment(os.environ)
-    version = run_as(account, [str(binary), "--version"], env, VERSION_TIMEOUT_S)
+    version = cached_run(account, [str(binary), "--version"], env, VERSION_TIMEOUT_S,
+                         runtime_files(binary))
     if not version.ok:
         known = diagnose(version.output.splitlines())
         return [fail("binary", f"{binary} --version failed: {version.last_line()}",
@@ -150,7 +152,8 @@ def parse_devices(output: str) -> list[dict[str, object]]:
 
 def _listed_devices(inst: InstanceConfig, daemon: DaemonConfig, account: Account | None,
                     binary: Path, env: Mapping[str, str]) -> Check:
-    done = run_as(account, [str(binary), "--list-devices"], env, DEVICES_TIMEOUT_S)
+    done = cached_run(account, [str(binary), "--list-devices"], env, DEVICES_TIMEOUT_S,
+                      [*runtime_files(binary), *device_files(daemon.host)])
     devices = parse_devices(done.output)
     wanted = len(inst.gpus) if inst.gpus is not None else len(gpumod.list_gpus(daemon.host))
     if not done.ok:
@@ -191,7 +194,7 @@ def _gguf(path: Path, name: str, daemon: DaemonConfig, account: Account | None,
                            account_name(None))
     if problem:
         return fail(name, problem.message, problem.fix), None
-    (denied,) = check_access(account, [(path, "r")])
+    (denied,) = cached_access(account, [(path, "r")])
     if denied:
         return fail(name, f"{user} cannot read {path}: {denied}",
                     _read_fix(path, account, daemon)), None
@@ -219,7 +222,7 @@ def _key_file(path: Path, account: Account | None) -> Check:
                            account_name(None))
     if problem:
         return fail("api key file", problem.message, problem.fix)
-    (denied,) = check_access(account, [(path, "r")])
+    (denied,) = cached_access(account, [(path, "r")])
     if denied:
         user = account_name(account)
         return fail("api key file", f"{user} cannot read {path}: {denied}",
@@ -312,7 +315,7 @@ def device_access_check(selected: Sequence[gpumod.Gpu], daemon: DaemonConfig,
         except OSError as exc:
             return fail("device access", f"{node}: {exc.strerror}",
                         "check the device nodes and host.dev_root in mi50d.toml")
-    denied = [(n, e) for n, e in zip(nodes, check_access(account, [(n, "rw") for n in nodes]),
+    denied = [(n, e) for n, e in zip(nodes, cached_access(account, [(n, "rw") for n in nodes]),
                                      strict=True) if e]
     if denied:
         node, why = denied[0]
