@@ -42,12 +42,12 @@ class Timeline:
             self._last[st["name"]] = st["state"]
             self.events.append(f"{st['name']}:{st['state']}")
 
-    async def wait(self, entry: str, timeout: float = 120) -> None:
-        """Until `entry` (e.g. `a:running`) has happened."""
+    async def wait(self, entry: str, count: int = 1, timeout: float = 120) -> None:
+        """Until `entry` (e.g. `a:running`) has happened `count` times in all."""
         async with asyncio.timeout(timeout):
             while True:
                 self._drain()
-                if entry in self.events:
+                if self.events.count(entry) >= count:
                     return
                 self._take(await self._sub.get())
 
