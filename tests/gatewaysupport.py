@@ -27,14 +27,16 @@ class Timeline:
         self._sub = self._stack.enter_context(supervisor.events.subscribe(size=100_000))
 
     def note(self, text: str) -> None:
-        self._drain()
-        self.events.append(text)
+        """Add `text` after every state change published so far (it wakes `wait`, too)."""
+        self._sub.offer({"event": "note", "text": text})
 
     def _drain(self) -> None:
         while not self._sub.queue.empty():
             self._take(self._sub.queue.get_nowait())
 
     def _take(self, event: dict[str, Any]) -> None:
+        if event["event"] == "note":
+            self.events.append(event["text"])
         if event["event"] != "state":
             return
         st = event["status"]
