@@ -168,12 +168,13 @@ class InstanceSettings(_Model):
             )
         return self
 
-    @model_validator(mode="after")
-    def _idle_needs_on_demand(self) -> InstanceSettings:
-        if self.idle_unload_s is not None and not self.on_demand:
-            raise ValueError("idle_unload_s: only on_demand instances are unloaded by the "
-                             "gateway; set on_demand = true or remove idle_unload_s")
-        return self
+    @field_validator("idle_unload_s")
+    @classmethod
+    def _idle_needs_on_demand(cls, value: float | None, info: ValidationInfo) -> float | None:
+        if value is not None and not info.data.get("on_demand"):
+            raise ValueError("only on_demand instances are unloaded by the gateway; set "
+                             "on_demand = true or remove idle_unload_s")
+        return value
 
 
 class InstanceConfig(InstanceSettings):

@@ -18,6 +18,7 @@ upstream connection (never returned to the pool), which is how llama-server lear
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import time
 from collections.abc import Mapping
@@ -81,8 +82,9 @@ async def forward(session: aiohttp.ClientSession, request: web.Request, url: str
     """Send `body` to `url` and stream the answer back to `request`'s client."""
     try:
         async with asyncio.timeout(FIRST_BYTE_S):
-            upstream = await session.request(request.method, url, data=body, headers=headers,
-                                             allow_redirects=False)
+            # A file object, so a vision-sized body goes out in pieces between other work.
+            upstream = await session.request(request.method, url, data=io.BytesIO(body),
+                                             headers=headers, allow_redirects=False)
     except TimeoutError:
         raise GatewayError(504, f"{what} sent no response headers within {FIRST_BYTE_S:g} s",
                            "upstream_timeout") from None
