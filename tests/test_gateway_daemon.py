@@ -10,14 +10,8 @@ import subprocess
 
 import pytest
 
-from tests.ctlsupport import (
-    MI50D,
-    running_daemon,
-    server_instance,
-    short_dir,
-    write_config,
-)
-from tests.support import free_port
+from tests.ctlsupport import MI50D, running_daemon, server_instance, short_dir
+from tests.support import free_port, write_config
 
 pytestmark = pytest.mark.llama
 
