@@ -42,13 +42,14 @@ def stamp(path: Path) -> Stamp:
 
 def path_stamps(path: Path) -> tuple[tuple[str, Stamp], ...]:
     """The path and every directory above it, as written and as resolved."""
-    absolute = Path(os.path.abspath(path))
+    absolute = os.path.abspath(path)
     seen: dict[str, Stamp] = {}
-    for p in (absolute, Path(os.path.realpath(absolute))):
-        for part in (p, *p.parents):
-            key = str(part)
-            if key not in seen:
-                seen[key] = stamp(part)
+    for start in (absolute, os.path.realpath(absolute)):
+        part, parent = start, ""
+        while part != parent:
+            if part not in seen:
+                seen[part] = stamp(Path(part))
+            part, parent = os.path.dirname(part), part
     return tuple(sorted(seen.items()))
 
 
