@@ -9,6 +9,7 @@ tail of the response (`TokenTail`), never by buffering a whole answer.
 from __future__ import annotations
 
 import re
+from collections import deque
 from typing import Protocol
 
 TAIL_BYTES = 8192
@@ -50,18 +51,23 @@ class NullObserver:
 
 
 class TokenTail:
-    """The last `TAIL_BYTES` of a response, from which the token counts are read at its end."""
+    """The last `TAIL_BYTES` (at least) of a response, kept as the chunks that arrived (no copy
+    per chunk); the token counts are read from it once, at the end."""
 
     def __init__(self) -> None:
-        self._tail = b""
+        self._chunks: deque[bytes] = deque()
+        self._size = 0
 
     def feed(self, chunk: bytes) -> None:
-        self._tail = (self._tail + chunk)[-TAIL_BYTES:] if len(chunk) < TAIL_BYTES else (
-            chunk[-TAIL_BYTES:])
+        self._chunks.append(chunk)
+        self._size += len(chunk)
+        while self._size - len(self._chunks[0]) >= TAIL_BYTES:
+            self._size -= len(self._chunks.popleft())
 
     def counts(self) -> tuple[int | None, int | None]:
         """(prompt tokens, generated tokens): the last value of each in the tail, or None."""
-        return _last(_PROMPT, self._tail), _last(_GENERATED, self._tail)
+        tail = b"".join(self._chunks)[-TAIL_BYTES:]
+        return _last(_PROMPT, tail), _last(_GENERATED, tail)
 
 
 def _last(pattern: re.Pattern[bytes], data: bytes) -> int | None:
