@@ -45,7 +45,7 @@ async def _one(session: aiohttp.ClientSession, url: str, body: dict[str, object]
         assert resp.status == 200, await resp.text()
         async for line in resp.content:
             size += len(line)
-            if line.startswith(b"data: ") and b'"content"' in line or line.startswith(b"data: x"):
+            if (line.startswith(b"data: ") and b'"content"' in line) or line.startswith(b"data: x"):
                 tokens += 1
                 if first is None:
                     first = time.perf_counter() - began

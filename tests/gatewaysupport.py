@@ -44,6 +44,11 @@ class Timeline:
             self._last[st["name"]] = st["state"]
             self.events.append(f"{st['name']}:{st['state']}")
 
+    def count(self, entry: str) -> int:
+        """How often `entry` happened up to now."""
+        self._drain()
+        return self.events.count(entry)
+
     async def wait(self, entry: str, count: int = 1, timeout: float = 120) -> None:
         """Until `entry` (e.g. `a:running`) has happened `count` times in all."""
         async with asyncio.timeout(timeout):

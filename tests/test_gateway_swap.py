@@ -35,8 +35,10 @@ RELEASE_LAG_S = 0.3  # the kernel frees a process's VRAM a moment after it is re
 class Kernel:
     """The KFD and amdgpu's part: an alive instance holds `each` bytes on GPU 1."""
 
-    def __init__(self, sysfs: Path, supervisor: Supervisor, line: Timeline, each: int) -> None:
+    def __init__(self, sysfs: Path, supervisor: Supervisor, line: Timeline, each: int,
+                 lag_s: float = RELEASE_LAG_S) -> None:
         self.sysfs, self.sup, self.line, self.each = sysfs, supervisor, line, each
+        self.lag_s = lag_s
         self.used = sysfs / GPU1_DEVICE / "mem_info_vram_used"
         self.pids: dict[str, int] = {}
 
@@ -59,16 +61,17 @@ class Kernel:
                     self._set_used()
                     self.line.note(f"kfd:holds {name}")
                 elif state == "stopped" and name in self.pids:
-                    await asyncio.sleep(RELEASE_LAG_S)
+                    await asyncio.sleep(self.lag_s)
                     shutil.rmtree(self.sysfs / "class/kfd/kfd/proc" / str(self.pids.pop(name)))
                     self._set_used()
                     self.line.note(f"kfd:released {name}")
 
 
 @contextlib.asynccontextmanager
-async def kernel_for(sysfs: Path, sup: Supervisor, each: int) -> AsyncIterator[Timeline]:
+async def kernel_for(sysfs: Path, sup: Supervisor, each: int,
+                     lag_s: float = RELEASE_LAG_S) -> AsyncIterator[Timeline]:
     line = Timeline(sup)
-    kernel = Kernel(sysfs, sup, line, each)
+    kernel = Kernel(sysfs, sup, line, each, lag_s)
     task = asyncio.create_task(kernel.run())
     try:
         yield line
