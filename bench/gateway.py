@@ -9,6 +9,7 @@ import datetime
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from bench import gwpreflight, gwstreams, gwswap
@@ -49,10 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="mi50d-bench-gw-", dir="/tmp") as tmp:
         work = Path(tmp)
-        for name, run in (
-                ("8 gateway", lambda: gwstreams.run(work, tiny, [1, 16, 64], rounds, 512)),
-                ("9 swap", lambda: gwswap.run(work, tiny, swaps)),
-                ("10 preflight", lambda: gwpreflight.run(work, tiny, starts))):
+        sections: list[tuple[str, Callable[[], list[Row]]]] = [
+            ("8 gateway", lambda: gwstreams.run(work, tiny, [1, 16, 64], rounds, 512)),
+            ("9 swap", lambda: gwswap.run(work, tiny, swaps)),
+            ("10 preflight", lambda: gwpreflight.run(work, tiny, starts))]
+        for name, run in sections:
             print(f"== {name} ...", flush=True)
             got = run()
             print(text_table(got), flush=True)
