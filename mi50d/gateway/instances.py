@@ -6,6 +6,7 @@ desired-state calls, only this module changes.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 from mi50d.config import Config, InstanceConfig
@@ -47,16 +48,17 @@ class Instances:
             text += f"; {inst.diagnosis}"
         return text
 
-    def ensure_running(self, name: str) -> None:
-        self._sup.start(name)
+    async def ensure_running(self, name: str, timeout_s: float) -> None:
+        """Ask for it up and wait until it is up, or nobody wants it up any more (it failed, or
+        was stopped), or `timeout_s` passed (TimeoutError; the request stands)."""
+        inst = self._sup.get(name)
+        inst.request_start()
+        async with asyncio.timeout(timeout_s):
+            await inst.wait_for(lambda: inst.state in UP or not inst.wanted)
 
     async def ensure_stopped(self, name: str) -> None:
+        """Ask for it down and wait until no process of it is left."""
         await self._sup.stop(name)
-
-    async def wait_settled(self, name: str) -> None:
-        """Until it is up, or nobody wants it up any more (it failed, or was stopped)."""
-        inst = self._sup.get(name)
-        await inst.wait_for(lambda: inst.state in UP or not inst.wanted)
 
     def holdings(self) -> dict[str, dict[int, int]]:
         """What every alive instance holds per GPU index (the KFD, else its logged buffers)."""

@@ -130,8 +130,8 @@ class OnDemand:
             await self._wait(lambda: not act.draining)
         elif name in self._jobs:
             await self._join(name)
-        elif self._inst.coming_up(name):
-            await self._inst.wait_settled(name)
+        elif self._inst.coming_up(name):  # starting, or backing off before a restart
+            await self._inst.ensure_running(name, conf.health.start_timeout_s)
             if not self._inst.is_up(name) and not conf.on_demand:
                 raise GatewayError(502, f"{conf.model_name} failed to start: "
                                    f"{self._inst.why_down(name)}; mi50ctl logs {name} shows its "
@@ -163,9 +163,7 @@ class OnDemand:
                 swapped = await self._make_room(conf)
                 if not self._inst.is_up(name):
                     log.info("gateway_starting instance=%s", name)
-                    self._inst.ensure_running(name)
-                    async with asyncio.timeout(conf.health.start_timeout_s):
-                        await self._inst.wait_settled(name)
+                    await self._inst.ensure_running(name, conf.health.start_timeout_s)
                 if not self._inst.is_up(name):
                     return GatewayError(502, f"{conf.model_name} failed to start: "
                                         f"{self._inst.why_down(name)}; mi50ctl logs {name} "
