@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from aiohttp import web
+
 from mi50d.config import load_config
 from mi50d.engine.supervisor import Supervisor
+from mi50d.gateway.observer import Observer
 from mi50d.gateway.service import GatewayService
 from mi50d.host.accounts import account_for
 from tests.support import Recorder
@@ -63,13 +66,15 @@ class Timeline:
 
 
 @contextlib.asynccontextmanager
-async def gateway_on(directory: Path) -> AsyncIterator[tuple[Supervisor, Recorder, GatewayService]]:
+async def gateway_on(directory: Path, observer: Observer | None = None,
+                     extra_routes: Sequence[web.RouteDef] = (),
+                     ) -> AsyncIterator[tuple[Supervisor, Recorder, GatewayService]]:
     """A Supervisor and a GatewayService on `directory` (its mi50d.toml sets [gateway] listen),
     shut down in the daemon's order on exit."""
     config = load_config(directory)
     sup = Supervisor(config, account_for(config))
     rec = Recorder(sup)
-    gw = GatewayService(config.daemon.gateway, sup)
+    gw = GatewayService(config.daemon.gateway, sup, observer, extra_routes)
     await gw.open()
     try:
         async with asyncio.TaskGroup() as tg:
