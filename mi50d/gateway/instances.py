@@ -1,15 +1,16 @@
-"""The few things the gateway asks of the engine, in one adapter over `Supervisor`.
+"""The few things the gateway asks of the engine, in one adapter over `Supervisor` (its
+desired-state calls `ensure_running`/`ensure_stopped` and the instances' state).
 
-Everything goes by instance name (a reload replaces Instance objects). When the engine grows
-desired-state calls, only this module changes.
+Everything goes by instance name (a reload replaces Instance objects); no other gateway module
+calls the engine.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 
 from mi50d.config import Config, InstanceConfig
+from mi50d.engine.desired import Verdict
 from mi50d.engine.states import State
 from mi50d.engine.supervisor import Supervisor
 
@@ -49,16 +50,15 @@ class Instances:
         return text
 
     async def ensure_running(self, name: str, timeout_s: float) -> None:
-        """Ask for it up and wait until it is up, or nobody wants it up any more (it failed, or
-        was stopped), or `timeout_s` passed (TimeoutError; the request stands)."""
-        inst = self._sup.get(name)
-        inst.request_start()
-        async with asyncio.timeout(timeout_s):
-            await inst.wait_for(lambda: inst.state in UP or not inst.wanted)
+        """Ask for it up and wait until it is up, or it gave up, was stopped or removed; a
+        TimeoutError after `timeout_s` (the request stands)."""
+        reply = await self._sup.ensure_running(name, timeout_s)
+        if reply.verdict is Verdict.TIMEOUT:
+            raise TimeoutError
 
     async def ensure_stopped(self, name: str) -> None:
-        """Ask for it down and wait until no process of it is left."""
-        await self._sup.stop(name)
+        """Ask for it down and wait until no process of it is left (a later start may win)."""
+        await self._sup.ensure_stopped(name)
 
     def holdings(self) -> dict[str, dict[int, int]]:
         """What every alive instance holds per GPU index (the KFD, else its logged buffers)."""
