@@ -77,7 +77,7 @@ async def _measure(gport: int, tport: int, fport: int, counts: list[int], rounds
                    tokens: int) -> list[Row]:
     rows: list[Row] = []
     gw, direct = f"http://127.0.0.1:{gport}", f"http://127.0.0.1:{tport}"
-    connector = aiohttp.TCPConnector(limit=0)
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=4.0)  # llama-server's is 5 s
     timeout = aiohttp.ClientTimeout(total=None, sock_read=120)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         for n in counts:

@@ -34,6 +34,9 @@ log = logging.getLogger("mi50d.gateway.proxy")
 
 CONNECT_S = 10.0
 FIRST_BYTE_S = 3600.0
+# llama-server closes a keep-alive connection idle for 5 s (`Keep-Alive: timeout=5`); the pool
+# drops idle connections sooner, so it never hands out one the server is closing.
+KEEPALIVE_S = 4.0
 # Headers about one hop (RFC 9110 7.6.1) and those aiohttp computes itself.
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
                         "te", "trailer", "transfer-encoding", "upgrade", "host",
@@ -46,7 +49,7 @@ def client_session() -> aiohttp.ClientSession:
     timeout = aiohttp.ClientTimeout(total=None, connect=CONNECT_S, sock_connect=CONNECT_S,
                                     sock_read=None)
     # limit=0: no cap of our own on connections; llama-server's slots and our queue bound them.
-    connector = aiohttp.TCPConnector(limit=0, enable_cleanup_closed=False)
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S)
     return aiohttp.ClientSession(timeout=timeout, connector=connector, auto_decompress=False,
                                  skip_auto_headers=("Accept-Encoding", "User-Agent"))
 
@@ -77,14 +80,29 @@ def upstream_headers(headers: Mapping[str, str], drop_credentials: bool,
     return out
 
 
+async def _send(session: aiohttp.ClientSession, method: str, url: str, body: bytes,
+                headers: CIMultiDict[str]) -> aiohttp.ClientResponse:
+    """The request, sent again once on a fresh connection when the connection closes before
+    any answer. That is a pooled connection the server closed as idle just as it was reused
+    (the server never read the request); a server that died shows up again on the second try
+    (refused: 502)."""
+    for attempt in (1, 2):
+        try:
+            # A file object, so a vision-sized body goes out in pieces between other work.
+            return await session.request(method, url, data=io.BytesIO(body), headers=headers,
+                                         allow_redirects=False)
+        except aiohttp.ServerDisconnectedError:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
 async def forward(session: aiohttp.ClientSession, request: web.Request, url: str, body: bytes,
                   headers: CIMultiDict[str], exchange: Exchange, what: str) -> web.StreamResponse:
     """Send `body` to `url` and stream the answer back to `request`'s client."""
     try:
         async with asyncio.timeout(FIRST_BYTE_S):
-            # A file object, so a vision-sized body goes out in pieces between other work.
-            upstream = await session.request(request.method, url, data=io.BytesIO(body),
-                                             headers=headers, allow_redirects=False)
+            upstream = await _send(session, request.method, url, body, headers)
     except TimeoutError:
         raise GatewayError(504, f"{what} sent no response headers within {FIRST_BYTE_S:g} s",
                            "upstream_timeout") from None
