@@ -11,7 +11,7 @@ Eviction never cuts a request: the victim stops taking new ones (`draining`; the
 in-flight ones finish (up to `swap_wait_s`), it is stopped, and the job waits until its VRAM is
 released: its KFD `proc/<pid>` entry is gone and the GPU's used VRAM came down. sysfs gives no
 change notification for those files (inotify does not fire on sysfs attributes), so that one
-wait re-reads them with gaps growing from 5 ms to 100 ms, bounded by `swap_wait_s`.
+wait re-reads them with gaps growing from 2 ms to 100 ms, bounded by `swap_wait_s`.
 
 Idle unload (`idle_unload_s`) happens in `_reaper`, which sleeps until the next deadline or any
 change, and never stops an instance with a request in flight or waiting.
@@ -40,7 +40,7 @@ from mi50d.host.vram import estimate
 
 log = logging.getLogger("mi50d.gateway.ondemand")
 
-RELEASE_FIRST_GAP_S = 0.005
+RELEASE_FIRST_GAP_S = 0.002
 RELEASE_MAX_GAP_S = 0.1
 
 
