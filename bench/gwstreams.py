@@ -6,7 +6,8 @@ a) The real llama-server (tiny model, 64 slots): c concurrent streaming chat com
    event with content) of the round's streams, and tokens/s over the round (every content event
    is one token); p50 and p99 of TTFT over every stream of every round go in the notes.
 b) A fast fake upstream (bench/fastupstream.py) that streams 120-byte events as fast as it can:
-   bytes/s of one stream through the gateway against direct, the proxy's own ceiling.
+   bytes/s of one stream through the gateway against direct, the proxy's own ceiling; and one
+   short request after another (one event each): the gateway's fixed cost per request.
 The client is aiohttp in this process; mi50d and the upstreams are other processes.
 """
 
@@ -61,20 +62,41 @@ async def _round(session: aiohttp.ClientSession, url: str, n: int,
                  sum(t for _, t, _ in got) / wall, sum(s for _, _, s in got) / wall)
 
 
-def _config(work: Path, model: Path, gport: int) -> tuple[Path, int, int]:
-    tport, fport = free_port(), free_port()
+async def _per_request(session: aiohttp.ClientSession, gw: str, fport: int, n: int) -> Row:
+    """The gateway's fixed cost: one short request after another (the fake upstream answers a
+    non-streaming POST with one event), through the gateway and direct, alternating."""
+    via: list[float] = []
+    base: list[float] = []
+    urls = [(f"{gw}/v1/completions", via), (f"http://127.0.0.1:{fport}/x", base)]
+    for i in range(n + 20):
+        for url, into in urls if i % 2 else urls[::-1]:
+            t0 = time.perf_counter()
+            async with session.post(url, json={"model": "fast-one", "prompt": "x"}) as resp:
+                await resp.read()
+            if i >= 20:  # the first ones warm the pools
+                into.append((time.perf_counter() - t0) * 1000)
+    row = paired(SECTION, "fast fake upstream: one short request, sent -> answer read", "ms",
+                 via, base, "direct", goal="+<= 2 ms", fmt=".2f")
+    row.met = row.diff is not None and row.diff.median <= 2.0
+    return row
+
+
+def _config(work: Path, model: Path, gport: int) -> tuple[Path, int, int, int]:
+    tport, fport, oport = free_port(), free_port(), free_port()
     directory = write_config(work / "gw-streams", {
         "llama_server": str(LLAMA_SERVER), "preflight": False,
         "gateway": {"listen": f"127.0.0.1:{gport}"}}, {
         "tiny": {"model": str(model), "port": tport, "autostart": True, "threads": 1,
                  "ctx_size": 512 * SLOTS, "args": ["--parallel", str(SLOTS)]},
         "fast": {"llama_server": str(FAST), "model": "/dev/null", "port": fport,
-                 "autostart": True, "env": fake_env()}})
-    return directory, tport, fport
+                 "autostart": True, "env": fake_env()},
+        "fast-one": {"llama_server": str(FAST), "model": "/dev/null", "port": oport,
+                     "autostart": True, "env": fake_env(FAST_CHUNKS=1)}})
+    return directory, tport, fport, oport
 
 
-async def _measure(gport: int, tport: int, fport: int, counts: list[int], rounds: int,
-                   tokens: int) -> list[Row]:
+async def _measure(gport: int, tport: int, fport: int, oport: int, counts: list[int],
+                   rounds: int, tokens: int) -> list[Row]:
     rows: list[Row] = []
     gw, direct = f"http://127.0.0.1:{gport}", f"http://127.0.0.1:{tport}"
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=4.0)  # llama-server's is 5 s
@@ -107,6 +129,7 @@ async def _measure(gport: int, tport: int, fport: int, counts: list[int], rounds
                                [x.tokens_per_s for x in via], [x.tokens_per_s for x in base],
                                "direct", goal="ratio >= 0.98", fmt=".0f"))
             rows[-1].met = rows[-1].ratio is not None and rows[-1].ratio.median >= 0.98
+        rows.append(await _per_request(session, gw, oport, rounds * 50))
         fast_body = {"model": "fast", "stream": True}
         gw_fast, direct_fast = f"{gw}/v1/chat/completions", f"http://127.0.0.1:{fport}/x"
         await _round(session, gw_fast, 1, fast_body)
@@ -123,7 +146,7 @@ async def _measure(gport: int, tport: int, fport: int, counts: list[int], rounds
 
 def run(work: Path, model: Path, counts: list[int], rounds: int, tokens: int) -> list[Row]:
     gport = free_port()
-    directory, tport, fport = _config(work, model, gport)
+    directory, tport, fport, oport = _config(work, model, gport)
     with daemon(directory, work) as d:
-        d.wait_log("new=running", 2, 300)
-        return asyncio.run(_measure(gport, tport, fport, counts, rounds, tokens))
+        d.wait_log("new=running", 3, 300)
+        return asyncio.run(_measure(gport, tport, fport, oport, counts, rounds, tokens))
