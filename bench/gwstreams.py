@@ -40,6 +40,16 @@ class Round:
 
 async def _one(session: aiohttp.ClientSession, url: str, body: dict[str, object],
                began: float) -> tuple[float | None, int, int]:
+    try:
+        return await _one_try(session, url, body, began)
+    except aiohttp.ServerDisconnectedError:
+        # A pooled connection the server closed just as it was reused (llama-server also
+        # closes one after 100 requests): send once more, as the gateway's proxy does.
+        return await _one_try(session, url, body, began)
+
+
+async def _one_try(session: aiohttp.ClientSession, url: str, body: dict[str, object],
+                   began: float) -> tuple[float | None, int, int]:
     first: float | None = None
     tokens = size = 0
     async with session.post(url, json=body) as resp:
