@@ -10,9 +10,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from mi50d.config import load_config
+from mi50d.host.accounts import account_for
 from tests.ctlsupport import fake_instance
 from tests.gatewaysupport import Timeline, gateway_on
-from tests.support import fake_daemon, free_port, write_config
+from tests.support import fake_daemon, free_port, supervising, write_config
 
 
 async def post(session: aiohttp.ClientSession, url: str) -> tuple[int, str]:
@@ -91,3 +93,20 @@ async def test_starts_on_different_gpus_run_in_parallel_and_on_one_gpu_in_turn(
     # GPU 0's two instances start one after the other; GPU 1's beside the first of them.
     assert events.index(f"{second}:starting") > events.index(f"{first}:running")
     assert events.index("b:starting") < events.index(f"{first}:running")
+
+
+@pytest.mark.asyncio
+async def test_a_reload_changing_only_gateway_keys_restarts_nothing(tmp_path: Path) -> None:
+    port = free_port()
+    cfg = write_config(tmp_path, fake_daemon(), {
+        "a": fake_instance(port, autostart=True)})
+    async with supervising(cfg) as (sup, rec):
+        await rec.wait("a", "running")
+        pid = sup.get("a").pid
+        write_config(tmp_path, fake_daemon(), {
+            "a": fake_instance(port, autostart=True, on_demand=True, idle_unload_s=30)})
+        new = load_config(cfg)
+        report = await sup.apply(new, account_for(new))
+        assert report.unchanged == ["a"] and report.restarted == []
+        assert sup.get("a").pid == pid
+        assert sup.get("a").config.on_demand and sup.get("a").config.idle_unload_s == 30

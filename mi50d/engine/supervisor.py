@@ -261,8 +261,10 @@ def _buffers(config: InstanceConfig) -> Callable[[Sequence[str]], dict[int, int]
 
 def _launch_key(conf: InstanceConfig, daemon: DaemonConfig,
                 account: Account | None) -> tuple[object, ...]:
-    """Everything that decides how an instance is launched; `source` does not."""
-    return (conf.model_copy(update={"source": None}), conf.argv(daemon), account)
+    """Everything that decides how an instance is launched; `source` does not, nor do the
+    gateway's `on_demand` and `idle_unload_s` (a reload changing them restarts nothing)."""
+    same = conf.model_copy(update={"source": None, "on_demand": False, "idle_unload_s": None})
+    return (same, conf.argv(daemon), account)
 
 
 def status_of(inst: Instance, vram: dict[int, int]) -> InstanceStatus:
