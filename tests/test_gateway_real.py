@@ -210,3 +210,26 @@ async def test_start_that_fails_is_a_502_with_the_diagnosis(
         assert status == 503
         assert "mi50ctl start manual" in doc["error"]["message"]
         assert rec.sequence("manual") == ["stopped"]  # never started
+
+
+@pytest.mark.asyncio
+async def test_client_leaving_a_non_streaming_request_stops_generation(
+        tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    gport = free_port()
+    cfg = write_config(tmp_path, settings(gport), {
+        "a": server_instance(request, free_port(), autostart=True, **ENDLESS)})
+    async with gateway_on(cfg) as (_, rec, gw), aiohttp.ClientSession() as session:
+        await rec.wait("a", "running")
+        body = {**CHAT, "model": "a", "max_tokens": 2_000_000}  # no stream: headers at the end
+        leaving = asyncio.create_task(session.post(f"{gw.url}/v1/chat/completions", json=body))
+        async with asyncio.timeout(60):  # another process's state: re-ask, bounded
+            while not (await slots(session, gport, "a"))[0]["is_processing"]:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        leaving.cancel()  # the client gives up before any byte of the answer
+        with pytest.raises(asyncio.CancelledError):
+            await leaving
+        async with asyncio.timeout(60):
+            while (await slots(session, gport, "a"))[0]["is_processing"]:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        status, _ = await chat(session, gport, "a")
+        assert status == 200
