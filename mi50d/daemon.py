@@ -24,6 +24,8 @@ from mi50d.engine.supervisor import ReloadReport, Supervisor, UnknownInstance
 from mi50d.gateway.service import GatewayService
 from mi50d.host.accounts import Account, account_for
 from mi50d.host.flashattn import with_host_defaults
+from mi50d.metrics.exporter import Exporter
+from mi50d.metrics.routes import metrics_routes
 from mi50d.systemd import Notifier, announce, listen_socket, ping_watchdog
 
 log = logging.getLogger("mi50d.daemon")
@@ -130,8 +132,11 @@ async def serve(config: Config, account: Account | None, socket_path: Path) -> N
     supervisor = Supervisor(config, account)
     daemon = Daemon(config, socket_path, supervisor)
     control = open_control(daemon, config, socket_path)  # listening before READY=1
+    resources = contextlib.AsyncExitStack()  # the metrics exporter's client session
     if config.daemon.gateway.listen:
-        daemon.gateway = GatewayService(config.daemon.gateway, supervisor)
+        exporter = Exporter(supervisor)  # GET /metrics on the gateway's listener
+        daemon.gateway = GatewayService(config.daemon.gateway, supervisor, exporter.gateway,
+                                        metrics_routes(exporter))
     changed = asyncio.Event()
     supervisor.on_change.append(changed.set)
     daemon.on_reload.append(
@@ -140,6 +145,7 @@ async def serve(config: Config, account: Account | None, socket_path: Path) -> N
     settled = (lambda: autostart_settled(supervisor)) if config.daemon.wait_ready else None
     try:
         if daemon.gateway is not None:
+            await resources.enter_async_context(exporter)
             await daemon.gateway.open()  # listening before READY=1, like the control socket
         async with asyncio.TaskGroup() as tg:
             supervisor.launch(tg)
@@ -177,4 +183,5 @@ async def serve(config: Config, account: Account | None, socket_path: Path) -> N
         control.close()  # also when startup failed inside the TaskGroup
         if daemon.gateway is not None:
             await daemon.gateway.close()
+        await resources.aclose()
     log.info("daemon_stopped")

@@ -44,6 +44,9 @@ def test_curl_through_the_daemon_and_status_shows_the_gateway(
                 if line.split() and line.split()[0] in ("od", "manual")}
         assert rows["od"][8:10] == ["yes", "0"] and rows["od"][11] == "ago"
         assert rows["manual"][8:11] == ["no", "0", "-"]
+        scrape = subprocess.run(["curl", "-s", f"http://127.0.0.1:{gport}/metrics"],
+                                capture_output=True, text=True, timeout=60, check=False)
+        assert 'mi50d_gateway_requests_total{code="200",model="tiny"} 1.0' in scrape.stdout
         assert d.stop() == 0
 
 
