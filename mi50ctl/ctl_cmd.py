@@ -8,21 +8,24 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import click
 
 from mi50ctl import render
-from mi50ctl.client import Client
+from mi50ctl.client import Client, RemoteError
 from mi50ctl.errors import EX_NOT_RUNNING, client_errors
 from mi50d.control.protocol import (
     MAX_NAME,
     MAX_TIMEOUT_S,
+    ErrorCode,
     EventFrame,
     InstancesResult,
     LogsChunk,
     LogsResult,
     ReloadResult,
+    ResultFrame,
     StartProgress,
     StartResult,
     StatusResult,
@@ -174,9 +177,7 @@ def logs(client: Client, name: str, lines: int, follow: bool) -> None:
     args = {"name": name, "n": lines, "follow": follow}
     with _errors():
         if not follow:
-            result = LogsResult.model_validate(client.call("logs", args))
-            for line in result.lines:
-                click.echo(line)
+            _print_logs(client, args)
             return
         with contextlib.suppress(KeyboardInterrupt):
             for frame in client.stream("logs", args, timeout_s=None):
@@ -189,3 +190,24 @@ def logs(client: Client, name: str, lines: int, follow: bool) -> None:
                         click.echo(line)
                     sys.stdout.flush()
 
+
+
+def _print_logs(client: Client, args: dict[str, Any]) -> None:
+    """The last lines, in bounded chunks; from an mi50d older than `chunked` (running on after an
+    upgrade of the package), in its one frame. Its refusal comes before any line is printed."""
+    try:
+        _echo_logs(client.stream("logs", {**args, "chunked": True}, client.reply_timeout_s))
+    except RemoteError as exc:
+        if exc.code != ErrorCode.BAD_REQUEST or "chunked" not in exc.message:
+            raise
+        _echo_logs(client.stream("logs", args, client.reply_timeout_s))
+
+
+def _echo_logs(frames: Iterator[EventFrame | ResultFrame]) -> None:
+    for frame in frames:
+        if isinstance(frame, EventFrame):
+            lines = LogsChunk.model_validate(frame.event).lines
+        else:
+            lines = LogsResult.model_validate(frame.result).lines
+        for line in lines:
+            click.echo(line)

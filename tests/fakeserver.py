@@ -14,6 +14,7 @@ FAKE_GRANDCHILD    "1": fork a child first that ignores SIGTERM, keeps the liste
 FAKE_HUGE_STATUS   once ready, answer with a status line this many bytes long (no newline soon)
 FAKE_STALL_AFTER_S seconds after ready to answer "200 OK" headers and then never the body
 FAKE_JUNK_BYTES    print this many bytes without a newline first (then a newline)
+FAKE_PRINT_LINES   print this many numbered lines of 1000 bytes first
 """
 
 from __future__ import annotations
@@ -70,6 +71,9 @@ def main() -> None:
     if "FAKE_JUNK_BYTES" in env:
         sys.stdout.write("j" * int(env["FAKE_JUNK_BYTES"]) + "\n")
         sys.stdout.flush()
+    for number in range(int(env.get("FAKE_PRINT_LINES", "0"))):
+        sys.stdout.write(f"line {number:06d} " + "x" * 988 + "\n")
+    sys.stdout.flush()
     host, port = _arg("--host", "127.0.0.1"), int(_arg("--port", "8080"))
     srv = socket.create_server((host, port))
     if env.get("FAKE_GRANDCHILD") == "1":

@@ -33,7 +33,9 @@ from mi50d.control.protocol import (
     ("stop", {}, {"name": None}),
     ("restart", {"name": "b"}, {"name": "b"}),
     ("reload", {}, {}),
-    ("logs", {"name": "a", "n": 3, "follow": True}, {"name": "a", "n": 3, "follow": True}),
+    ("logs", {"name": "a", "n": 3, "follow": True},
+     {"name": "a", "n": 3, "follow": True, "chunked": False}),
+    ("logs", {"name": "a", "chunked": True}, {"name": "a", "n": 50, "follow": False, "chunked": True}),
 ])
 def test_request_round_trip(command: str, args: dict[str, Any], expected: dict[str, Any]) -> None:
     line = request_line(41, command, args)

@@ -222,15 +222,22 @@ async def reload(daemon: DaemonView, args: ReloadArgs, emit: Emit) -> ReloadResu
 
 
 async def logs(daemon: DaemonView, args: LogsArgs, emit: Emit) -> LogsResult:
-    """`logs {name: str, n: int = 50, follow: bool = false}` -> result `LogsResult {name, lines}`
-    (the last n lines kept in memory, which is bounded in bytes: see engine.output). With
+    """`logs {name: str, n: int = 50, follow: bool = false, chunked: bool = false}` -> result
+    `LogsResult {name, lines}` (the last n lines kept in memory, which is bounded in bytes: see
+    engine.output). With `chunked`: events `LogsChunk {lines}` of at most CHUNK_BYTES each, then
+    `LogsResult {name, lines: []}`, so no frame holds the whole backlog. With
     `follow`: events `LogsChunk {lines, dropped}`, the last n lines first (in chunks of at most
     CHUNK_BYTES), then new lines as they come, across restarts of the instance, until the client
     disconnects (no final frame). Errors: unknown_instance.
     """
     sup = daemon.supervisor
     if not args.follow:
-        return LogsResult(name=args.name, lines=sup.get(args.name).lines.tail(args.n))
+        kept = sup.get(args.name).lines.tail(args.n)
+        if not args.chunked:
+            return LogsResult(name=args.name, lines=kept)
+        for chunk in _chunks(kept):
+            await emit(LogsChunk(lines=chunk))
+        return LogsResult(name=args.name, lines=[])
     # Subscribe and copy the backlog with no await between: no line is lost or sent twice.
     with sup.events.subscribe(size=10_000) as sub:
         kept = sup.get(args.name).lines.tail(args.n)

@@ -139,6 +139,9 @@ class LogsArgs(_Args):
     name: Name
     n: Annotated[int, Field(ge=0, le=100_000)] = 50
     follow: bool = False
+    # Without follow: send the lines as LogsChunk events of bounded size and an empty result,
+    # instead of one result frame holding them all. Added later; older clients leave it out.
+    chunked: bool = False
 
 
 class CheckArgs(_Args):
