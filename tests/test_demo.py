@@ -27,5 +27,5 @@ def test_demo_config_is_accepted(tmp_path: Path, llama_server: Path, tiny_model:
     tiny = resolved["instances"][demo.INSTANCE]
     assert tiny["autostart"] is True
     assert tiny["argv"] == [str(llama_server), "--model", str(tiny_model), "--host", "127.0.0.1",
-                            "--port", "8090", "--ctx-size", "512", "--n-gpu-layers", "0",
+                            "--port", "8090", "--ctx-size", "512", "--n-gpu-layers", "0", "--alias", "tiny",
                             "--metrics"]
