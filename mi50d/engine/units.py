@@ -47,6 +47,7 @@ SETTLE_STEP_S = 0.02  # reading systemd's view of a start or an exit it is still
 SETTLE_TRIES = 250  # ... bounded (5 s): a job's end needs a GLib main loop to be signalled
 CLD_EXITED, CLD_KILLED, CLD_DUMPED = 1, 2, 3
 DRAIN_AFTER_EXIT_S = 0.5  # journald may write the last lines a moment after the exit
+REPLAY_LINES = 200  # an adopted instance's earlier output, read back from the journal
 
 
 MODE_VAR = "MI50D_INSTANCES"  # "units" or "children" overrides the choice below
@@ -54,12 +55,14 @@ MODE_VAR = "MI50D_INSTANCES"  # "units" or "children" overrides the choice below
 
 def units_wanted(under_systemd: bool) -> bool:
     """Instances as units when mi50d is a systemd service (NOTIFY_SOCKET was set, as for
-    sd_notify), runs as root on a systemd host; `MI50D_INSTANCES=children` (a drop-in) keeps
-    them direct children, `=units` asks for units regardless."""
+    sd_notify, and systemd's INVOCATION_ID), runs as root on a systemd host.
+    `MI50D_INSTANCES=children` (a drop-in) keeps them direct children, `=units` asks for
+    units regardless."""
     mode = os.environ.get(MODE_VAR, "")
     if mode in ("children", "units"):
         return mode == "units"
-    return under_systemd and os.geteuid() == 0 and os.path.isdir("/run/systemd/system")
+    return (under_systemd and "INVOCATION_ID" in os.environ and os.geteuid() == 0
+            and os.path.isdir("/run/systemd/system"))
 
 
 class UnitChild:
@@ -141,7 +144,11 @@ class UnitChild:
         reader = journal.Reader()
         reader.this_boot()
         reader.add_match(_SYSTEMD_UNIT=self.unit, _SYSTEMD_INVOCATION_ID=self.invocation)
-        reader.seek_head()
+        if self.adopted:  # what it printed before: the last lines, not hours of them again
+            reader.seek_tail()
+            self._emit(reader.get_previous(REPLAY_LINES))
+        else:
+            reader.seek_head()
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()
         fd = reader.fileno()
@@ -167,12 +174,15 @@ class UnitChild:
             entry = reader.get_next()
             if not entry:
                 return
-            message = entry.get("MESSAGE")
-            if message is None or self._on_line is None:
-                continue
-            raw = message.encode("utf-8", "surrogateescape") if isinstance(message, str) \
-                else bytes(message)
-            self._on_line(cut(raw[:MAX_LINE_BYTES], max(len(raw) - MAX_LINE_BYTES, 0)))
+            self._emit(entry)
+
+    def _emit(self, entry: dict[str, Any]) -> None:
+        message = entry.get("MESSAGE")
+        if message is None or self._on_line is None:
+            return
+        raw = message.encode("utf-8", "surrogateescape") if isinstance(message, str) \
+            else bytes(message)
+        self._on_line(cut(raw[:MAX_LINE_BYTES], max(len(raw) - MAX_LINE_BYTES, 0)))
 
 
 async def _first(*waits: Any) -> None:
