@@ -76,7 +76,8 @@ class UnitChild:
         self.adopted = adopted
         self.invocation = state.invocation
         # CLOCK_MONOTONIC, as time.monotonic(): an adopted instance keeps its uptime.
-        self.started_monotonic: float | None = state.started_usec / 1e6 or None
+        self._started_s = state.started_usec / 1e6
+        self.started_monotonic: float | None = self._started_s or None
         self.returncode: int | None = None
         self._on_line = on_line
         self._exited = asyncio.Event()
@@ -137,18 +138,27 @@ class UnitChild:
         return await self.wait()
 
     async def pump_output(self) -> None:
-        """Forward this invocation's journal lines (from its first, also when adopted) until the
-        process has exited and the journal had a moment to take its last lines."""
+        """Forward this run's journal lines (an adopted one: its last REPLAY_LINES first) until
+        the process has exited and the journal had a moment to take its last lines."""
+        try:
+            await self._pump()
+        except Exception:  # logged: an instance without output lines must not go unnoticed
+            log.exception("instance_journal_failed unit=%s", self.unit)
+            raise
+
+    async def _pump(self) -> None:
         from systemd import journal  # python3-systemd, from the distribution
 
         reader = journal.Reader()
         reader.this_boot()
-        reader.add_match(_SYSTEMD_UNIT=self.unit, _SYSTEMD_INVOCATION_ID=self.invocation)
+        # Not matched on _SYSTEMD_INVOCATION_ID: journald reads it from a cgroup xattr that
+        # systemd cannot always set (a container); entries from before this start are skipped.
+        reader.add_match(_SYSTEMD_UNIT=self.unit)
         if self.adopted:  # what it printed before: the last lines, not hours of them again
             reader.seek_tail()
             self._emit(reader.get_previous(REPLAY_LINES))
         else:
-            reader.seek_head()
+            reader.seek_monotonic(self._started_s)
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()
         fd = reader.fileno()
@@ -180,6 +190,9 @@ class UnitChild:
         message = entry.get("MESSAGE")
         if message is None or self._on_line is None:
             return
+        stamp = entry.get("__MONOTONIC_TIMESTAMP")
+        if stamp is not None and stamp[0].total_seconds() < self._started_s:
+            return  # an earlier invocation's
         raw = message.encode("utf-8", "surrogateescape") if isinstance(message, str) \
             else bytes(message)
         self._on_line(cut(raw[:MAX_LINE_BYTES], max(len(raw) - MAX_LINE_BYTES, 0)))
