@@ -82,7 +82,9 @@ def description(instance: str, digest: str) -> str:
 
 def digest_of(desc: str) -> str | None:
     head, mark, tail = desc.rpartition(f"({DIGEST_MARK}")
-    return tail.rstrip(")") if mark and head else None
+    if not (mark and head and tail.endswith(")")):
+        return None
+    return tail[:-1] or None
 
 
 @dataclass(frozen=True)

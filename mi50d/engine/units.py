@@ -150,15 +150,14 @@ class UnitChild:
         from systemd import journal  # python3-systemd, from the distribution
 
         reader = journal.Reader()
-        reader.this_boot()
-        # Not matched on _SYSTEMD_INVOCATION_ID: journald reads it from a cgroup xattr that
-        # systemd cannot always set (a container); entries from before this start are skipped.
-        reader.add_match(_SYSTEMD_UNIT=self.unit)
+        # This run's entries, by its invocation id (no this_boot(): reading the boot id fails
+        # under mi50d.service's ProtectKernelTunables= in a container, and then nothing matches).
+        reader.add_match(_SYSTEMD_UNIT=self.unit, _SYSTEMD_INVOCATION_ID=self.invocation)
         if self.adopted:  # what it printed before: the last lines, not hours of them again
             reader.seek_tail()
             self._emit(reader.get_previous(REPLAY_LINES))
         else:
-            reader.seek_monotonic(self._started_s)
+            reader.seek_head()
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()
         fd = reader.fileno()
@@ -190,9 +189,6 @@ class UnitChild:
         message = entry.get("MESSAGE")
         if message is None or self._on_line is None:
             return
-        stamp = entry.get("__MONOTONIC_TIMESTAMP")
-        if stamp is not None and stamp[0].total_seconds() < self._started_s:
-            return  # an earlier invocation's
         raw = message.encode("utf-8", "surrogateescape") if isinstance(message, str) \
             else bytes(message)
         self._on_line(cut(raw[:MAX_LINE_BYTES], max(len(raw) - MAX_LINE_BYTES, 0)))
