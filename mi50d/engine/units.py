@@ -259,9 +259,11 @@ class UnitSpawner:
             yield child
         finally:
             try:
-                if not child._exited.is_set():
+                if self.detached:
+                    pass  # mi50d is shutting down: the unit keeps running, to be adopted
+                elif not child._exited.is_set():
                     await _to_completion(child.terminate(stop_timeout_s, hurry))
-                elif not self.detached:
+                else:
                     await asyncio.shield(child.wait())
             finally:
                 child.close()
