@@ -195,6 +195,14 @@ def test_3_kill_9_of_mi50d_is_readopted_and_a_later_crash_restarted(m: Machine) 
          lambda: pid_on_port(m, TINY_PORT) not in (None, pid) and healthy(m, TINY_PORT),
          timeout=120)
     assert unit_pid(m, "tiny") == pid_on_port(m, TINY_PORT)
+    # And a hang: SIGSTOP, the health probes fail, mi50d kills the unit and starts a new one.
+    frozen = pid_on_port(m, TINY_PORT)
+    assert frozen is not None
+    m.run("kill", "-STOP", str(frozen))
+    poll("a new tiny after SIGSTOP",
+         lambda: pid_on_port(m, TINY_PORT) not in (None, frozen) and healthy(m, TINY_PORT),
+         timeout=120)
+    assert frozen not in server_pids(m)
 
 
 def test_4_files_changed_or_removed_while_mi50d_was_stopped(m: Machine) -> None:
