@@ -19,8 +19,10 @@ from pathlib import Path
 
 from mi50d.config import Config, ConfigError, load_config
 from mi50d.control.server import ControlServer, ControlSocketError, bind_socket, socket_path_of
+from mi50d.engine.adopt import Found, adopt, stop_orphans, survey
 from mi50d.engine.states import State
 from mi50d.engine.supervisor import ReloadReport, Supervisor, UnknownInstance
+from mi50d.engine.units import UnitSpawner, units_wanted
 from mi50d.gateway.service import GatewayService
 from mi50d.host.accounts import Account, account_for
 from mi50d.host.flashattn import with_host_defaults
@@ -127,9 +129,26 @@ def open_control(daemon: Daemon, config: Config, socket_path: Path) -> ControlSe
     return ControlServer(daemon, sock, socket_path, activated=False)
 
 
+async def instance_units(under_systemd: bool) -> tuple[UnitSpawner | None, list[Found]]:
+    """The unit spawner and the units it finds, when instances run as systemd units; else (or
+    when systemd cannot be reached over D-Bus: logged) None, and instances are direct children."""
+    if not units_wanted(under_systemd):
+        return None, []
+    spawner = UnitSpawner()
+    try:
+        spawner.manager()  # connects and imports GLib in this thread, once
+        found = await asyncio.to_thread(survey, spawner)
+    except Exception as exc:
+        log.warning("instance_units_unavailable (%s): instances run as direct children", exc)
+        return None, []
+    log.info("instance_units units=%d", len(found))
+    return spawner, found
+
+
 async def serve(config: Config, account: Account | None, socket_path: Path) -> None:
     notifier = Notifier()  # reads NOTIFY_SOCKET/WATCHDOG_* and removes them from os.environ
-    supervisor = Supervisor(config, account)
+    spawner, found = await instance_units(notifier.enabled)
+    supervisor = Supervisor(config, account, spawner)
     daemon = Daemon(config, socket_path, supervisor)
     control = open_control(daemon, config, socket_path)  # listening before READY=1
     resources = contextlib.AsyncExitStack()  # the metrics exporter's client session
@@ -149,6 +168,9 @@ async def serve(config: Config, account: Account | None, socket_path: Path) -> N
             await daemon.gateway.open()  # listening before READY=1, like the control socket
         async with asyncio.TaskGroup() as tg:
             supervisor.launch(tg)
+            orphans = adopt(supervisor, found)  # before any await: no instance loop ran yet
+            if orphans and spawner is not None:
+                tg.create_task(stop_orphans(spawner, orphans), name="orphans")
             if daemon.gateway is not None:
                 daemon.gateway.launch(tg)
             serving = tg.create_task(control.serve(), name="control")
@@ -174,7 +196,11 @@ async def serve(config: Config, account: Account | None, socket_path: Path) -> N
                 if daemon.gateway is not None:
                     await daemon.gateway.close()
                 # 3. stop every instance (SIGTERM, their stop timeout, SIGKILL), all at once;
-                #    the watchdog keeps pinging meanwhile: a slow stop is not a hang;
+                #    the watchdog keeps pinging meanwhile: a slow stop is not a hang. Instances
+                #    run as systemd units are left running instead (README, "Instances as
+                #    systemd units"): the next mi50d adopts them;
+                if spawner is not None:
+                    spawner.detach()
                 await supervisor.shutdown()
             # 4. end the watchdog; leaving the TaskGroup waits for the instance tasks, which
             #    have returned.

@@ -36,6 +36,7 @@ from mi50d.engine.run import (
     one_line,
 )
 from mi50d.engine.states import ALIVE, Outcome, State, check_transition
+from mi50d.engine.units import UnitChild
 from mi50d.host.accounts import Account
 
 log = logging.getLogger("mi50d.engine.instance")
@@ -90,6 +91,10 @@ class Instance:
         self._line = asyncio.Event()  # the child printed something
         self._ended = asyncio.Event()  # the loop has returned
         self._preflight = Preflight(config.name)
+        # Adoption (engine.adopt): a unit of this instance runs already; the next start skips
+        # preflight (the port is its own) and keeps the process' own start as its uptime's.
+        self.adopting = False
+        self._since_hint: float | None = None
 
     # ---- requests (synchronous: recorded before the caller's next await) ---------------------
 
@@ -283,7 +288,8 @@ class Instance:
     async def _attempt(self) -> Ended | None:
         """One start: preflight, spawn, watch. None: a request interrupted it (no process left)."""
         config, daemon = self.config, self.daemon
-        job = self.hooks.preflight_job(config, daemon, self.account)
+        job = None if self.adopting else self.hooks.preflight_job(config, daemon, self.account)
+        self.adopting = False
         self.set_state(State.STARTING, "preflight" if job else "spawning")
         if job is not None:
             problem = await self._preflight.run(job, self._interrupt)
@@ -304,8 +310,10 @@ class Instance:
         try:
             async with contextlib.AsyncExitStack() as stack:
                 try:
-                    child = await stack.enter_async_context(
-                        spawn(spec, config.stop.timeout_s, self._hurry))
+                    launch = (spawn(spec, config.stop.timeout_s, self._hurry)
+                              if self.hooks.spawn is None else
+                              self.hooks.spawn(self.name, spec, config.stop.timeout_s, self._hurry))
+                    child: Child | UnitChild = await stack.enter_async_context(launch)
                 except OSError as exc:
                     return Ended(Outcome.FATAL,
                                  f"cannot execute {spec.argv[0]}: {exc.strerror or exc}")
@@ -313,6 +321,9 @@ class Instance:
                     return Ended(Outcome.FATAL, f"cannot start {spec.argv[0]!r}: {exc}")
                 self.pid = child.pid
                 self.reason = f"spawned pid {child.pid}; loading"
+                if isinstance(child, UnitChild) and child.adopted:
+                    self.reason = f"adopted {child.unit} (pid {child.pid}); probing"
+                    self._since_hint = child.started_monotonic
                 self._notify()
                 log.info("instance_spawned instance=%s pid=%d argv=%s", self.name, child.pid,
                          " ".join(spec.argv))
@@ -320,8 +331,9 @@ class Instance:
         finally:
             self.pid = None
             self._running_since = None
+            self._since_hint = None
 
-    async def _watch(self, child: Child) -> Ended | None:
+    async def _watch(self, child: Child | UnitChild) -> Ended | None:
         pump = asyncio.create_task(child.pump_output())
         exited = asyncio.create_task(child.wait())
         health = asyncio.create_task(health_watch(self))
@@ -373,7 +385,8 @@ class Instance:
     # ---- bookkeeping (also used by engine.run) -----------------------------------------------
 
     def mark_ready(self, path: str) -> None:
-        self._running_since = time.monotonic()
+        self._running_since = self._since_hint or time.monotonic()
+        self._since_hint = None
         self.set_state(State.RUNNING, f"{path} answered 200")
 
     def line_event(self) -> asyncio.Event:

@@ -55,6 +55,9 @@ class Hooks:
     degraded: Callable[[InstanceConfig], Degraded] | None = None
     buffers: Callable[[InstanceConfig], Callable[[Sequence[str]], dict[int, int]]] | None = None
     observe: Callable[[str, str, float], None] | None = None  # metrics: (instance, event, seconds)
+    # How to launch: None is `engine.process.spawn` (direct children); under systemd,
+    # `engine.units.UnitSpawner.spawn` (name, spec, stop timeout, hurry -> async context manager).
+    spawn: Callable[..., Any] | None = None
 
     def preflight_job(self, config: InstanceConfig, daemon: DaemonConfig,
                       account: Account | None) -> Job | None:

@@ -21,6 +21,7 @@ from mi50d.engine.events import Hub
 from mi50d.engine.instance import Instance
 from mi50d.engine.run import Hooks
 from mi50d.engine.states import ALIVE, State
+from mi50d.engine.units import UnitSpawner
 from mi50d.host.accounts import Account
 from mi50d.host.gpumem import process_vram
 from mi50d.host.hooks import degraded_reason, diagnose_failure, preflight_job
@@ -48,8 +49,10 @@ class ReloadReport:
 
 
 class Supervisor:
-    def __init__(self, config: Config, account: Account | None) -> None:
+    def __init__(self, config: Config, account: Account | None,
+                 spawner: UnitSpawner | None = None) -> None:
         self.config = config
+        self.spawner = spawner  # None: instances are direct children (engine.process)
         self.account = account  # from accounts.account_for(config)
         self.events = Hub()
         self._instances: dict[str, Instance] = {}
@@ -93,7 +96,8 @@ class Supervisor:
             on_line=self._line,
             hooks=Hooks(preflight=preflight, diagnose=diagnose_failure,
                         degraded=degraded_reason, buffers=_buffers,
-                        observe=lambda name, event, s: self.observe(name, event, s)),
+                        observe=lambda name, event, s: self.observe(name, event, s),
+                        spawn=None if self.spawner is None else self.spawner.spawn),
             hold=hold,
         )
         self._instances[config.name] = inst

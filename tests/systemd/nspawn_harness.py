@@ -43,6 +43,7 @@ ROOT_PACKAGES = (
     "python3",
     "python3-gi",
     "gir1.2-glib-2.0",
+    "python3-systemd",
     "curl",
     "ca-certificates",
     "procps",

@@ -78,9 +78,11 @@ def machine(tmp_path_factory: pytest.TempPathFactory,
         m.wait_booted()
         m.run("apt-get", "install", "-y", "--no-install-recommends",
               f"{HOST_DIR_IN_CONTAINER}/{deb.name}", timeout=300)
-        # Test-only: a daemon that never says READY=1 fails within a minute, not 15.
+        # Test-only: a daemon that never says READY=1 fails within a minute, not 15. This
+        # module tests instances as direct children (no orphans after kill -9 of mi50d);
+        # test_units_e2e.py tests the packaged default, instances as systemd units.
         m.write("/etc/systemd/system/mi50d.service.d/50-e2e.conf",
-                "[Service]\nTimeoutStartSec=45s\n")
+                "[Service]\nTimeoutStartSec=45s\nEnvironment=MI50D_INSTANCES=children\n")
         m.run("systemctl", "daemon-reload")
         yield m
     finally:
