@@ -91,3 +91,19 @@ def test_path_stamps_cover_every_directory_as_written_and_resolved(world: Path) 
                      str(world / "real"), str(target)):
         assert expected in names
     assert os.path.realpath(world / "link" / "f") == str(target)
+
+
+def test_new_entries_in_the_directories_above_do_not_forget(world: Path) -> None:
+    """Adding a file beside the binary or in a directory above it changes their mtime and ctime
+    but not who may search them: the remembered answer stands."""
+    runs = world / "runs"
+    (world / "bin").mkdir()
+    binary = counting_binary(world / "bin" / "llama-server", runs)
+    conf = inst(write_model(world / "m.gguf"))
+    run_preflight(conf, daemon(binary), nobody())
+    (world / "bin" / "other").write_text("x")
+    (world / "unrelated").mkdir()
+    run_preflight(conf, daemon(binary), nobody())
+    assert runs.read_text().split() == ["--version"]
+    (world / "bin").chmod(0o700)  # but a change of who may search it is seen
+    assert by_name(run_preflight(conf, daemon(binary), nobody()))["binary"].failed

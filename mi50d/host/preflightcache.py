@@ -4,7 +4,8 @@ Preflight runs before every start and respawn, and three of its checks cost a ch
 each (~15-20 ms): the binary's `--version`, its `--list-devices`, and, for a root daemon, the
 access checks made as the instance's account. Their answers depend only on files, so a good
 answer is remembered under the identity of every file it depends on (device, inode, size,
-mtime, ctime, mode and owner, as `ggufmeta` keys a header), the account's ids and the child's
+mtime, ctime, mode and owner, as `ggufmeta` keys a header; for the directories above it, what
+decides search permission), the account's ids and the child's
 argv and environment. Any change to one of those (a rebuild, a chmod or setfacl anywhere up the
 path, which moves ctime, a new GPU node, a ROCm upgrade) makes a new key, and the check runs
 again. Failures are never remembered: a fixed problem is seen at the next start.
@@ -40,15 +41,33 @@ def stamp(path: Path) -> Stamp:
             st.st_uid, st.st_gid)
 
 
-def path_stamps(path: Path) -> tuple[tuple[str, Stamp], ...]:
-    """The path and every directory above it, as written and as resolved."""
+def search_stamp(directory: str) -> tuple[object, ...] | None:
+    """What decides who may search a directory: its identity, mode, owner and access ACL. Not
+    its mtime, size or ctime, which move whenever an entry is added or removed (a directory like
+    /tmp changes many times a second), while a chmod or setfacl changes one of these."""
+    try:
+        st = os.stat(directory)
+    except OSError:
+        return None
+    try:
+        acl: bytes | None = os.getxattr(directory, "system.posix_acl_access")
+    except OSError:  # none set, or a file system without ACLs
+        acl = None
+    return (st.st_dev, st.st_ino, st.st_mode, st.st_uid, st.st_gid, acl)
+
+
+def path_stamps(path: Path) -> tuple[tuple[str, object], ...]:
+    """The path itself (its full stamp) and every directory above it (what decides search
+    permission), as written and as resolved."""
     absolute = os.path.abspath(path)
-    seen: dict[str, Stamp] = {}
+    seen: dict[str, object] = {}
     for start in (absolute, os.path.realpath(absolute)):
-        part, parent = start, ""
+        if start not in seen:
+            seen[start] = stamp(Path(start))
+        part, parent = os.path.dirname(start), start
         while part != parent:
             if part not in seen:
-                seen[part] = stamp(Path(part))
+                seen[part] = search_stamp(part)
             part, parent = os.path.dirname(part), part
     return tuple(sorted(seen.items()))
 
@@ -84,7 +103,8 @@ def cached_access(account: Account | None,
 
 def runtime_files(binary: Path) -> list[Path]:
     """What a llama-server's answers depend on besides itself: the shared libraries beside it
-    and in the prefix's lib/ (where builds put them), and those directories."""
+    and in the prefix's lib/ (where builds put them), and those directories (a library added or
+    removed changes this list itself)."""
     real = Path(os.path.realpath(binary))
     dirs = [real.parent, real.parent.parent / "lib"]
     libs = [p for d in dirs if d.is_dir() for p in sorted(d.glob("*.so*"))]
@@ -104,7 +124,7 @@ def cached_run(account: Account | None, argv: Sequence[str], env: Mapping[str, s
     """`access.run_as`, answered from memory when it succeeded before with the same argv,
     environment and account, and neither the binary nor anything in `depends` changed."""
     key = (_who(account), tuple(argv), tuple(sorted(env.items())), path_stamps(Path(argv[0])),
-           tuple((str(p), stamp(p)) for p in depends))
+           tuple((str(p), search_stamp(str(p)) if p.is_dir() else stamp(p)) for p in depends))
     known = _RUNS.get(key)
     if known is not None:
         return known
