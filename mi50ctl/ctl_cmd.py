@@ -101,6 +101,8 @@ def _follow_start(client: Client, name: str, wait: bool, timeout_s: float | None
     elif result.outcome == "timeout":
         raise StartFailed(f"{name} is still {st.state} after {render.duration(result.elapsed_s)}"
                           f" (it keeps starting; follow it: mi50ctl logs -f {name})")
+    elif result.superseded:
+        raise StartFailed(f"{name}: start {result.superseded}; now {st.state}")
     else:
         raise StartFailed(render.failure_text(st))
 

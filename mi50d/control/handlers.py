@@ -40,7 +40,7 @@ from mi50d.control.protocol import (
     StopArgs,
 )
 from mi50d.control.view import DaemonView
-from mi50d.engine.desired import Reply
+from mi50d.engine.desired import Reply, Verdict
 from mi50d.engine.events import Event, Subscription
 from mi50d.engine.supervisor import Supervisor, UnknownInstance
 from mi50d.host.gpus import list_gpus
@@ -88,13 +88,15 @@ def gpu_status(host: HostPaths) -> list[GpuStatus]:
 
 async def start(daemon: DaemonView, args: StartArgs, emit: Emit) -> StartResult:
     """`start {name: str, wait: bool = true, timeout_s: float? }` -> events `StartProgress
-    {name, state, reason, elapsed_s, line?}`, then result `StartResult {outcome, status, elapsed_s}`.
+    {name, state, reason, elapsed_s, line?}`, then result `StartResult {outcome, status,
+    elapsed_s, superseded?}`.
 
     Without `wait`: no events, outcome "requested". With it: progress on every state change, on
     output lines (at most every 0.2 s) and every second; the final outcome is "running",
-    "failed" (gave up, or a later stop or a reload's removal came first: see status.reason,
-    .diagnosis, .last_lines) or "timeout" (timeout_s passed; it keeps starting). A reload that
-    restarts the instance meanwhile does not end the wait. Errors: unknown_instance.
+    "failed" (gave up: see status.reason, .diagnosis, .last_lines; or a later stop or a
+    reload's removal came first: `superseded` says which) or "timeout" (timeout_s passed; it
+    keeps starting). A reload that restarts the instance meanwhile does not end the wait.
+    Errors: unknown_instance.
     """
     sup = daemon.supervisor
     began = time.monotonic()
@@ -112,9 +114,11 @@ async def start(daemon: DaemonView, args: StartArgs, emit: Emit) -> StartResult:
             while True:
                 now = time.monotonic()
                 if answer.done():
-                    return StartResult(outcome="running" if answer.result().ok else "failed",
-                                       status=sup.describe(inst),
-                                       elapsed_s=now - began)
+                    reply = answer.result()
+                    overtaken = reply.verdict in (Verdict.SUPERSEDED, Verdict.REMOVED)
+                    return StartResult(outcome="running" if reply.ok else "failed",
+                                       status=sup.describe(inst), elapsed_s=now - began,
+                                       superseded=reply.reason if overtaken else None)
                 if deadline is not None and now >= deadline:
                     return StartResult(outcome="timeout", status=sup.describe(inst),
                                        elapsed_s=now - began)

@@ -258,6 +258,9 @@ class StartResult(_Model):
     outcome: Literal["running", "failed", "timeout", "requested"]
     status: InstanceStatus
     elapsed_s: float = 0.0
+    # With "failed": set when the start did not fail but was overtaken, e.g. "superseded by a
+    # later stop" or the instance's removal by a reload. Added later; absent from older daemons.
+    superseded: str | None = None
 
 
 class InstancesResult(_Model):
