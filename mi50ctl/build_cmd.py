@@ -60,6 +60,8 @@ def build_llama(source: Path, backend: str, targets: str | None, tools: tuple[st
                                 jobs=jobs, hip=hip, generator=generator)
         if hip is not None:
             click.echo(f"hip build for {', '.join(gfx)}; ROCm at {hip.rocm_path}")
+            for note in plan.notes:
+                click.echo(f"  {note}")
         result = build.build(plan, env, force=force)
         removed = build.prune(root, prune) if prune else []
     except build.BuildError as exc:

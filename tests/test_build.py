@@ -103,10 +103,13 @@ def test_hip_plan_for_two_mi50() -> None:
     targets = build.resolve_targets(None, {}, FIXTURE_SYS)
     plan = build.plan_build(Path("/src/llama.cpp"), Path("/var/lib/mi50d/llama"), "hip",
                             ("llama-server",), targets, jobs=2, hip=ROCM)
-    assert plan.env == {"HIPCXX": "/opt/rocm/lib/llvm/bin/clang", "HIP_PATH": "/opt/rocm"}
+    assert plan.env == {"HIPCXX": "/opt/rocm/lib/llvm/bin/clang", "HIP_PATH": "/opt/rocm",
+                        "ROCM_PATH": "/opt/rocm"}
     assert plan.configure == [
         "cmake", "-S", "/src/llama.cpp", "-B", "/var/lib/mi50d/llama/work/hip", "-DGGML_HIP=ON",
         "-DAMDGPU_TARGETS=gfx906", "-DCMAKE_BUILD_TYPE=Release",
+        "-DGGML_CUDA_FA=ON", "-DGGML_CUDA_FA_ALL_QUANTS=OFF", "-DGGML_CUDA_FORCE_MMQ=OFF",
+        "-DGGML_CUDA_FORCE_CUBLAS=OFF", "-DGGML_HIP_NO_VMM=ON", "-DGGML_HIP_GRAPHS=ON",
         "-DCMAKE_BUILD_RPATH_USE_ORIGIN=ON"]
     assert plan.build == ["cmake", "--build", "/var/lib/mi50d/llama/work/hip", "--config",
                           "Release", "-j2", "--target", "llama-server"]
@@ -199,8 +202,9 @@ def _state(root: Path) -> tuple[str | None, list[str]]:
     ("c++", "cpu", "C++ compiler (c++, g++ or clang++) not found; install it: "
                    "apt-get install build-essential"),
     ("make", "cpu", "make or ninja not found; install it: apt-get install make"),
-    ("hipconfig", "hip", "hipconfig not found on PATH; install ROCm (package hip-dev / "
-                         "rocm-hip-sdk) or add /opt/rocm/bin to PATH"),
+    ("hipconfig", "hip", "hipconfig not found on PATH; install ROCm: AMD's packages "
+                         "(rocm-hip-sdk, then add /opt/rocm/bin to PATH) or the distribution's "
+                         "(apt-get install hipcc libamdhip64-dev libhipblas-dev librocblas-dev)"),
 ])
 def test_missing_tool_is_one_line(tmp_path: Path, missing: str, backend: str,
                                   message: str) -> None:

@@ -31,6 +31,11 @@ from pathlib import Path
 from typing import IO, Literal
 
 from mi50d.host import kfd
+from mi50d.llama.errors import BuildError as BuildError
+from mi50d.llama.errors import MissingToolError as MissingToolError
+from mi50d.llama.hip import DISTRO_DEV_PACKAGES, HIP_OPTIONS
+from mi50d.llama.hip import HipToolchain as HipToolchain
+from mi50d.llama.hip import hip_toolchain as hip_toolchain
 
 Backend = Literal["hip", "cpu"]
 BACKENDS: tuple[Backend, ...] = ("hip", "cpu")
@@ -40,23 +45,6 @@ TOOL_TARGETS = {"rpc-server": ("ggml-rpc-server", "rpc-server")}
 FALLBACK_TARGET = "gfx906"
 ARCH_ENV = "LLAMACPP_ROCM_ARCH"
 VERSION_TIMEOUT_S = 60.0
-
-
-class BuildError(Exception):
-    """A build that cannot start or did not finish; the message is one line for the user."""
-
-
-class MissingToolError(BuildError):
-    """A program the build needs is not on PATH; the message names the package to install."""
-
-
-@dataclass(frozen=True)
-class HipToolchain:
-    """What `hipconfig -l` (the directory of ROCm's clang) and `hipconfig -R` (ROCm) print."""
-
-    clang_dir: Path
-    rocm_path: Path
-    version: str = ""  # `hipconfig --version`: a ROCm upgrade in place changes the fingerprint
 
 
 @dataclass(frozen=True)
@@ -70,6 +58,7 @@ class BuildPlan:
     configure: list[str]
     build: list[str]
     toolchain: str = ""  # the compiler's version where it matters (hip)
+    notes: tuple[str, ...] = ()  # what the build uses and why, for the user
 
     @property
     def work_dir(self) -> Path:
@@ -157,12 +146,14 @@ def plan_build(source: Path, root: Path, backend: Backend, tools: Sequence[str],
     work = root / "work" / backend
     env: dict[str, str] = {}
     configure = ["cmake", "-S", str(source), "-B", str(work)]
+    notes: tuple[str, ...] = ()
     if backend == "hip":
         if hip is None:
             raise ValueError("the hip backend needs a HipToolchain")
-        env = {"HIPCXX": f"{hip.clang_dir}/clang", "HIP_PATH": str(hip.rocm_path)}
+        env = hip.build_env()
         configure += ["-DGGML_HIP=ON", f"-DAMDGPU_TARGETS={';'.join(targets)}",
-                      "-DCMAKE_BUILD_TYPE=Release"]
+                      "-DCMAKE_BUILD_TYPE=Release", *(f"-D{opt}" for opt, _ in HIP_OPTIONS)]
+        notes = hip.notes()
     else:
         # The cpu build serves tests and demos: no web UI, so cmake does not try to download one
         # from a model hub (the prebuilt-UI default), which machines with only package
@@ -180,7 +171,7 @@ def plan_build(source: Path, root: Path, backend: Backend, tools: Sequence[str],
     return BuildPlan(source=source, root=root, backend=backend,
                      targets=tuple(targets) if backend == "hip" else (), tools=tuple(tools),
                      env=env, configure=configure, build=build,
-                     toolchain=hip.version if hip is not None else "")
+                     toolchain=hip.fingerprint if hip is not None else "", notes=notes)
 
 
 # --- the host: programs on PATH ---------------------------------------------------------------
@@ -210,22 +201,10 @@ def check_programs(backend: Backend, env: Mapping[str, str]) -> str | None:
             raise MissingToolError("make or ninja not found; install it: apt-get install make")
         generator = "Ninja"
     if backend == "hip" and not _which(["hipconfig"], path):
-        raise MissingToolError("hipconfig not found on PATH; install ROCm "
-                               "(package hip-dev / rocm-hip-sdk) or add /opt/rocm/bin to PATH")
+        raise MissingToolError("hipconfig not found on PATH; install ROCm: AMD's packages "
+                               "(rocm-hip-sdk, then add /opt/rocm/bin to PATH) or the "
+                               f"distribution's (apt-get install hipcc {DISTRO_DEV_PACKAGES})")
     return generator
-
-
-def hip_toolchain(env: Mapping[str, str]) -> HipToolchain:
-    """Ask hipconfig where ROCm's clang and ROCm itself are."""
-    def ask(flag: str) -> str:
-        proc = subprocess.run(["hipconfig", flag], env=dict(env), capture_output=True, text=True,
-                              check=False)
-        if proc.returncode != 0 or not proc.stdout.strip():
-            raise BuildError(f"hipconfig {flag} failed (exit {proc.returncode}): "
-                             f"{proc.stderr.strip()[:200]}")
-        return proc.stdout.strip().splitlines()[-1]
-    return HipToolchain(clang_dir=Path(ask("-l")), rocm_path=Path(ask("-R")),
-                        version=ask("--version"))
 
 
 def content_id(source: Path, skip: Path | None = None) -> str:
@@ -373,7 +352,7 @@ def build(plan: BuildPlan, base_env: Mapping[str, str], *, force: bool = False,
                 "source": str(plan.source), "content_id": content, "backend": plan.backend,
                 "targets": list(plan.targets), "tools": list(plan.tools),
                 "env": plan.env, "toolchain": plan.toolchain, "configure": plan.configure,
-                "build": plan.build,
+                "build": plan.build, "notes": list(plan.notes),
                 "fingerprint": fingerprint, "version": version,
             }
             (staging / "build.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -1,9 +1,9 @@
-"""Real systemd for the end-to-end test: a cached Debian 12 root, the .deb, a booted container.
+"""Real systemd for the end-to-end test: a cached Debian root (12 or 13), the .deb, a booted container.
 
 This module owns three slow artefacts and how they are reused:
-- `debian_root()`: `debootstrap --variant=minbase` of bookworm, cached under
-  `~/.cache/mi50d/rootfs/bookworm-<key>/` where the key hashes the package list and
-  `ROOT_RECIPE_VERSION`; built in a temporary directory and renamed into place, so a
+- `debian_root(suite)`: `debootstrap --variant=minbase` of bookworm (systemd 252) or trixie
+  (257), cached under `~/.cache/mi50d/rootfs/<suite>-<key>/` by `rootfs.cached_root`, where
+  the key hashes the recipe; built in a temporary directory and renamed into place, so a
   half-built root is never reused.
 - `build_deb(repo)`: `dpkg-buildpackage -us -uc -b` on a copy of the repository's files (so
   nothing lands in or beside the work tree), cached by a hash of those files' contents.
@@ -17,9 +17,7 @@ operator's shell would run commands on the machine.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
-import json
 import os
 import shutil
 import signal
@@ -29,10 +27,12 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-# Bump when the recipe below changes in a way the package list does not show.
-ROOT_RECIPE_VERSION = 1
-SUITE = "bookworm"
-MIRROR = "http://deb.debian.org/debian"
+from tests.systemd import rootfs
+
+# The Debian releases the end-to-end test boots: bookworm has systemd 252, trixie 257, which
+# bracket Ubuntu 24.04's 255.
+SUITES = ("bookworm", "trixie")
+DEFAULT_SUITE = "bookworm"
 # What the container needs beyond minbase: an init, D-Bus, the .deb's runtime dependencies
 # (so `apt-get install ./mi50d_*.deb` resolves them from the local cache), the llama-server
 # CPU build's shared libraries, and the tools the test uses inside (curl, ps, setpriv/useradd).
@@ -49,9 +49,12 @@ ROOT_PACKAGES = (
     "procps",
     "passwd",
     "libgomp1",
-    "libcurl4",
-    "libssl3",
 )
+# Libraries whose package name carries the soname, so it differs per release.
+SUITE_PACKAGES = {
+    "bookworm": ("libcurl4", "libssl3"),
+    "trixie": ("libcurl4t64", "libssl3t64"),
+}
 # Units that have nothing to do in a throwaway container and would only slow the boot or
 # mark the system degraded.
 MASKED_UNITS = (
@@ -63,71 +66,27 @@ MASKED_UNITS = (
     "console-getty.service",
     "getty@tty1.service",
 )
-CONTAINER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+CONTAINER_PATH = rootfs.CONTAINER_PATH
 HOST_DIR_IN_CONTAINER = "/srv/e2e"
+cache_root = rootfs.cache_root
+_locked = rootfs.locked
+_prune = rootfs.prune
 
 
-def cache_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "mi50d"
+def recipe(suite: str = DEFAULT_SUITE) -> rootfs.Recipe:
+    if suite not in SUITE_PACKAGES:
+        raise ValueError(f"unknown suite {suite!r}; known: {', '.join(SUITES)}")
+    files = {"etc/hostname": "mi50d-e2e\n",
+             # An empty machine-id makes systemd generate a fresh one at each boot (in RAM).
+             "etc/machine-id": "",
+             **{f"etc/systemd/system/{unit}": "@/dev/null" for unit in MASKED_UNITS}}
+    return rootfs.Recipe(name=suite, suite=suite, include=ROOT_PACKAGES + SUITE_PACKAGES[suite],
+                         files=files)
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """Serialise builders of one artefact (two pytest sessions, or xdist workers)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-
-
-def root_key() -> str:
-    recipe = json.dumps([ROOT_RECIPE_VERSION, SUITE, MIRROR, ROOT_PACKAGES, MASKED_UNITS])
-    return hashlib.sha256(recipe.encode()).hexdigest()[:16]
-
-
-def debian_root() -> Path:
-    """The cached bookworm root, built on first use (a few minutes; later calls are instant)."""
-    final = cache_root() / "rootfs" / f"{SUITE}-{root_key()}"
-    with _locked(final.with_name(final.name + ".lock")):
-        if (final / "etc" / "os-release").exists():
-            return final
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-        tmp.chmod(0o755)  # it becomes the container's /
-        try:
-            subprocess.run(
-                ["debootstrap", "--variant=minbase", f"--include={','.join(ROOT_PACKAGES)}",
-                 SUITE, str(tmp), MIRROR],
-                check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-            )
-            _prepare_root(tmp)
-            tmp.rename(final)
-            _prune(final.parent, f"{SUITE}-*", keep={final})
-        except subprocess.CalledProcessError as exc:
-            raise RuntimeError(f"debootstrap failed:\n{exc.stderr[-4000:]}") from exc
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-    return final
-
-
-def _prepare_root(root: Path) -> None:
-    (root / "etc" / "hostname").write_text("mi50d-e2e\n")
-    # An empty machine-id makes systemd generate a fresh one at each boot (and keep it in RAM).
-    (root / "etc" / "machine-id").write_text("")
-    for unit in MASKED_UNITS:
-        link = root / "etc" / "systemd" / "system" / unit
-        link.unlink(missing_ok=True)
-        link.symlink_to("/dev/null")
-    shutil.rmtree(root / "var" / "cache" / "apt" / "archives", ignore_errors=True)
-    (root / "var" / "cache" / "apt" / "archives" / "partial").mkdir(parents=True)
-
-
-def _prune(directory: Path, pattern: str, keep: set[Path]) -> None:
-    """Drop cached artefacts of older inputs (directories only; locks and temporaries stay)."""
-    for path in directory.glob(pattern):
-        if path.is_dir() and not path.name.startswith(".") and path not in keep:
-            shutil.rmtree(path, ignore_errors=True)
+def debian_root(suite: str = DEFAULT_SUITE) -> Path:
+    """The cached root of `suite`, built on first use (a few minutes; later calls are instant)."""
+    return rootfs.cached_root(recipe(suite))
 
 
 # ---------------------------------------------------------------------------------------------
