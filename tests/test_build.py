@@ -103,8 +103,7 @@ def test_hip_plan_for_two_mi50() -> None:
     targets = build.resolve_targets(None, {}, FIXTURE_SYS)
     plan = build.plan_build(Path("/src/llama.cpp"), Path("/var/lib/mi50d/llama"), "hip",
                             ("llama-server",), targets, jobs=2, hip=ROCM)
-    assert plan.env == {"HIPCXX": "/opt/rocm/lib/llvm/bin/clang", "HIP_PATH": "/opt/rocm",
-                        "ROCM_PATH": "/opt/rocm"}
+    assert plan.env == {"HIPCXX": "/opt/rocm/lib/llvm/bin/clang", "HIP_PATH": "/opt/rocm"}
     assert plan.configure == [
         "cmake", "-S", "/src/llama.cpp", "-B", "/var/lib/mi50d/llama/work/hip", "-DGGML_HIP=ON",
         "-DAMDGPU_TARGETS=gfx906", "-DCMAKE_BUILD_TYPE=Release",

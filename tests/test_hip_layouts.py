@@ -94,17 +94,20 @@ def test_distribution_layout(tmp_path: Path) -> None:
         compiler=CLANG_DEBIAN, cmake_dir=usr / "lib/x86_64-linux-gnu/cmake")
     assert toolchain.layout == f"the distribution's packages, ROCm in {usr}"
     plan = _plan(toolchain)
-    # The seed recipe's two variables, plus ROCM_PATH so ggml-hip never picks a stray /opt/rocm.
-    assert plan.env == {"HIPCXX": f"{usr}/lib/llvm-22/bin/clang", "HIP_PATH": str(usr),
-                        "ROCM_PATH": str(usr)}
+    # The seed recipe's two variables; no ROCM_PATH, which sends Debian's clang to /usr/amdgcn.
+    assert plan.env == {"HIPCXX": f"{usr}/lib/llvm-22/bin/clang", "HIP_PATH": str(usr)}
+    # The three CMake packages named, so a leftover /opt/rocm cannot supply them.
+    cmake = usr / "lib/x86_64-linux-gnu/cmake"
     assert plan.configure == [
         "cmake", "-S", "/src/llama.cpp", "-B", "/var/lib/mi50d/llama/work/hip", "-DGGML_HIP=ON",
-        "-DAMDGPU_TARGETS=gfx906", "-DCMAKE_BUILD_TYPE=Release", *HIP_DEFINES,
+        "-DAMDGPU_TARGETS=gfx906", "-DCMAKE_BUILD_TYPE=Release", f"-Dhip_DIR={cmake}/hip",
+        f"-Dhipblas_DIR={cmake}/hipblas", f"-Drocblas_DIR={cmake}/rocblas", *HIP_DEFINES,
         "-DCMAKE_BUILD_RPATH_USE_ORIGIN=ON"]
     assert plan.notes[0] == (
         f"ROCm 7.2.53211-9999 at {usr} (the distribution's packages, ROCm in {usr}); "
         f"compiler {usr}/lib/llvm-22/bin/clang ({CLANG_DEBIAN})")
-    assert plan.notes[1] == f"HIP, hipBLAS and rocBLAS CMake packages in {usr}/lib/x86_64-linux-gnu/cmake"
+    assert plan.notes[1] == (f"HIP, hipBLAS and rocBLAS CMake packages from {cmake} (named, so "
+                             "that no other ROCm's are found)")
     assert plan.toolchain == f"7.2.53211-9999; {CLANG_DEBIAN}"
 
 
@@ -116,15 +119,17 @@ def test_amd_layout(tmp_path: Path) -> None:
     assert toolchain.cmake_dir == rocm / "lib/cmake"
     assert toolchain.layout == "AMD's packages"
     plan = _plan(toolchain)
-    assert plan.env == {"HIPCXX": f"{rocm}/lib/llvm/bin/clang", "HIP_PATH": str(rocm),
-                        "ROCM_PATH": str(rocm)}
+    assert plan.env == {"HIPCXX": f"{rocm}/lib/llvm/bin/clang", "HIP_PATH": str(rocm)}
+    assert f"-Dhip_DIR={rocm}/lib/cmake/hip" in plan.configure
     assert plan.notes[0].startswith(f"ROCm 7.0.51831-a3e329ad8 at {rocm} (AMD's packages)")
 
 
 def test_the_layouts_differ_only_in_paths(tmp_path: Path) -> None:
     distro = _plan(build.hip_toolchain(_env(distro_tree(tmp_path / "d"))))
     amd = _plan(build.hip_toolchain(_env(amd_tree(tmp_path / "a"))))
-    assert distro.configure == amd.configure
+    def without_dirs(argv: list[str]) -> list[str]:
+        return [a for a in argv if "_DIR=" not in a]
+    assert without_dirs(distro.configure) == without_dirs(amd.configure)
     assert distro.fingerprint("c") != amd.fingerprint("c")  # another compiler, another build
     # Every option the build passes is explained, and so is what it leaves out.
     for opt, why in hip.HIP_OPTIONS:

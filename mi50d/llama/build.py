@@ -152,7 +152,8 @@ def plan_build(source: Path, root: Path, backend: Backend, tools: Sequence[str],
             raise ValueError("the hip backend needs a HipToolchain")
         env = hip.build_env()
         configure += ["-DGGML_HIP=ON", f"-DAMDGPU_TARGETS={';'.join(targets)}",
-                      "-DCMAKE_BUILD_TYPE=Release", *(f"-D{opt}" for opt, _ in HIP_OPTIONS)]
+                      "-DCMAKE_BUILD_TYPE=Release", *hip.cmake_defines(),
+                      *(f"-D{opt}" for opt, _ in HIP_OPTIONS)]
         notes = hip.notes()
     else:
         # The cpu build serves tests and demos: no web UI, so cmake does not try to download one

@@ -6,9 +6,14 @@ Two layouts are common:
 - the distribution's (Debian, Ubuntu): ROCm in /usr, the stock LLVM's clang
   (/usr/lib/llvm-N/bin), CMake packages in /usr/lib/<multiarch>/cmake.
 `hipconfig -l` and `-R` name the compiler directory and ROCm in both, so the seed recipe
-(`HIPCXX="$(hipconfig -l)/clang" HIP_PATH="$(hipconfig -R)"`) works in both; what it also needs
-is ROCM_PATH, because ggml-hip's CMakeLists.txt takes /opt/rocm whenever that directory exists,
-and that would mix two ROCms on a host with the distribution's in /usr and a stray /opt/rocm.
+(`HIPCXX="$(hipconfig -l)/clang" HIP_PATH="$(hipconfig -R)"`) works in both. What it does not
+pin is which ROCm's CMake packages are found: ggml-hip's CMakeLists.txt adds /opt/rocm to the
+search path whenever that directory exists (unless $ROCM_PATH names another), which mixes two
+ROCms on a host with the distribution's in /usr and a leftover /opt/rocm. So the build names the
+three package directories (hip_DIR, hipblas_DIR, rocblas_DIR) under hipconfig's ROCm.
+It does not set ROCM_PATH: clang reads it too, and Debian's clang with ROCM_PATH=/usr looks for
+the device libraries in /usr/amdgcn and fails ("cannot find ROCm device library"; seen in the
+sid root), while without it clang finds them where Debian installs them.
 """
 
 from __future__ import annotations
@@ -77,8 +82,13 @@ class HipToolchain:
         return "; ".join(x for x in (self.version, self.compiler) if x)
 
     def build_env(self) -> dict[str, str]:
-        return {"HIPCXX": f"{self.clang_dir}/clang", "HIP_PATH": str(self.rocm_path),
-                "ROCM_PATH": str(self.rocm_path)}
+        return {"HIPCXX": f"{self.clang_dir}/clang", "HIP_PATH": str(self.rocm_path)}
+
+    def cmake_defines(self) -> list[str]:
+        """hip_DIR, hipblas_DIR and rocblas_DIR under this ROCm (none when it was not looked up)."""
+        if self.cmake_dir is None:
+            return []
+        return [f"-D{name}_DIR={self.cmake_dir / name}" for name in HIP_CMAKE_PACKAGES]
 
     def notes(self) -> tuple[str, ...]:
         """What a build with this toolchain uses and why, one line each."""
@@ -86,7 +96,8 @@ class HipToolchain:
         lines = [f"ROCm {self.version or '(version unknown)'} at {self.rocm_path} ({self.layout}); "
                  f"compiler {env['HIPCXX']}" + (f" ({self.compiler})" if self.compiler else "")]
         if self.cmake_dir is not None:
-            lines.append(f"HIP, hipBLAS and rocBLAS CMake packages in {self.cmake_dir}")
+            lines.append(f"HIP, hipBLAS and rocBLAS CMake packages from {self.cmake_dir} "
+                         "(named, so that no other ROCm's are found)")
         lines.append("environment: " + " ".join(f"{k}={v}" for k, v in env.items()))
         lines += [f"{opt}: {why}" for opt, why in HIP_OPTIONS]
         lines.append(HIP_NOT_USED)

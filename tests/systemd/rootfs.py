@@ -169,26 +169,35 @@ def _check(argv: list[str], what: str) -> None:
         raise RuntimeError(f"{what} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
 
 
-def run_in(root: Path, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
-           binds: Mapping[Path, str] | None = None, ro_binds: Mapping[Path, str] | None = None,
-           persist: bool = False, check: bool = False, timeout: float = 600.0,
-           cwd: str | None = None) -> subprocess.CompletedProcess[str]:
-    """Run argv in `root` under systemd-nspawn, with a clean environment (PATH, LANG, HOME, env).
-
-    Writes to the root go to a throwaway overlay unless `persist` (used while building it).
-    """
+def nspawn_command(root: Path, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
+                   binds: Mapping[Path, str] | None = None,
+                   ro_binds: Mapping[Path, str] | None = None, tmpfs: Sequence[str] = (),
+                   persist: bool = False, cwd: str | None = None) -> list[str]:
+    """The systemd-nspawn command line that runs argv in `root` with a clean environment (PATH,
+    LANG, HOME, env); writes go to a throwaway overlay unless `persist` (used while building).
+    nspawn passes its SIGTERM on as SIGTERM, so the command can shut down cleanly."""
     cmd = ["systemd-nspawn", "--quiet", "--register=no", "--keep-unit", f"--directory={root}",
-           "--pipe", "--as-pid2"]
+           "--pipe", "--as-pid2", "--kill-signal=SIGTERM"]
     if not persist:
         cmd.append("--volatile=overlay")
     for host, inside in (binds or {}).items():
         cmd.append(f"--bind={host}:{inside}")
     for host, inside in (ro_binds or {}).items():
         cmd.append(f"--bind-ro={host}:{inside}")
+    cmd += [f"--tmpfs={path}" for path in tmpfs]
     if cwd is not None:
         cmd.append(f"--chdir={cwd}")
-    cmd += ["--", "/usr/bin/env", "-i", f"PATH={CONTAINER_PATH}", "LANG=C.UTF-8", "HOME=/root",
-            "TERM=dumb", *(f"{k}={v}" for k, v in (env or {}).items()), *argv]
+    return [*cmd, "--", "/usr/bin/env", "-i", f"PATH={CONTAINER_PATH}", "LANG=C.UTF-8",
+            "HOME=/root", "TERM=dumb", *(f"{k}={v}" for k, v in (env or {}).items()), *argv]
+
+
+def run_in(root: Path, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
+           binds: Mapping[Path, str] | None = None, ro_binds: Mapping[Path, str] | None = None,
+           tmpfs: Sequence[str] = (), persist: bool = False, check: bool = False,
+           timeout: float = 600.0, cwd: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run argv in `root` (see nspawn_command) and wait for it."""
+    cmd = nspawn_command(root, argv, env=env, binds=binds, ro_binds=ro_binds, tmpfs=tmpfs,
+                         persist=persist, cwd=cwd)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL, check=False)
     if check and proc.returncode != 0:
