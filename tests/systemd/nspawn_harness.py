@@ -5,8 +5,8 @@ This module owns three slow artefacts and how they are reused:
   (257), cached under `~/.cache/mi50d/rootfs/<suite>-<key>/` by `rootfs.cached_root`, where
   the key hashes the recipe; built in a temporary directory and renamed into place, so a
   half-built root is never reused.
-- `build_deb(repo)`: `dpkg-buildpackage -us -uc -b` on a copy of the repository's files (so
-  nothing lands in or beside the work tree), cached by a hash of those files' contents.
+- `build_deb(repo, suite)` (tests/systemd/debbuild.py): the .deb for that suite, cached by a
+  hash of the repository's files.
 - `Machine`: one boot of the cached root with `systemd-nspawn --volatile=overlay`; every write
   goes to a tmpfs that vanishes at power-off, so the cache is never modified.
 
@@ -17,17 +17,15 @@ operator's shell would run commands on the machine.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
-import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from tests.systemd import rootfs
+from tests.systemd.debbuild import build_deb as build_deb
 
 # The Debian releases the end-to-end test boots: bookworm has systemd 252, trixie 257, which
 # bracket Ubuntu 24.04's 255.
@@ -87,60 +85,6 @@ def recipe(suite: str = DEFAULT_SUITE) -> rootfs.Recipe:
 def debian_root(suite: str = DEFAULT_SUITE) -> Path:
     """The cached root of `suite`, built on first use (a few minutes; later calls are instant)."""
     return rootfs.cached_root(recipe(suite))
-
-
-# ---------------------------------------------------------------------------------------------
-# The .deb
-
-
-def _source_files(repo: Path) -> list[str]:
-    out = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=repo, check=True, capture_output=True,
-    ).stdout.decode()
-    return sorted(p for p in out.split("\0") if p and (repo / p).is_file())
-
-
-def source_key(repo: Path) -> str:
-    digest = hashlib.sha256()
-    for rel in _source_files(repo):
-        path = repo / rel
-        digest.update(rel.encode() + b"\0")
-        digest.update(os.readlink(path).encode() if path.is_symlink() else path.read_bytes())
-        digest.update(b"\0")
-    return digest.hexdigest()[:16]
-
-
-def build_deb(repo: Path) -> Path:
-    """Build the .deb from the repository's files; cached by their content (rebuilt on change)."""
-    out_dir = cache_root() / "deb" / source_key(repo)
-    with _locked(out_dir.parent / ".lock"):
-        debs = sorted(out_dir.glob("mi50d_*.deb"))
-        if debs:
-            return debs[-1]
-        with tempfile.TemporaryDirectory(prefix="mi50d-deb-") as tmp:
-            src = Path(tmp) / "mi50d"
-            for rel in _source_files(repo):
-                dest = src / rel
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(repo / rel, dest, follow_symlinks=False)
-            proc = subprocess.run(
-                ["dpkg-buildpackage", "-us", "-uc", "-b"],
-                cwd=src, capture_output=True, text=True, check=False,
-            )
-            if proc.returncode != 0:
-                raise RuntimeError(f"dpkg-buildpackage failed:\n{(proc.stdout + proc.stderr)[-6000:]}")
-            built = sorted(Path(tmp).glob("mi50d_*.deb"))
-            if not built:
-                raise RuntimeError("dpkg-buildpackage succeeded but wrote no mi50d_*.deb")
-            staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out_dir.parent))
-            for deb in built:
-                shutil.copy2(deb, staging / deb.name)
-            staging.rename(out_dir)
-            builds = [p for p in out_dir.parent.iterdir() if p.is_dir() and p.name[0] != "."]
-            newest = sorted(builds, key=lambda p: p.stat().st_mtime)[-3:]
-            _prune(out_dir.parent, "*", keep={out_dir, *newest})
-        return sorted(out_dir.glob("mi50d_*.deb"))[-1]
 
 
 # ---------------------------------------------------------------------------------------------
