@@ -35,7 +35,7 @@ def host_suite() -> str:
 
 
 def builder_recipe(suite: str) -> rootfs.Recipe:
-    return rootfs.Recipe(name=f"{suite}-debbuild", suite=suite, include=BUILD_DEPENDS)
+    return rootfs.Recipe(name=f"debbuild-{suite}", suite=suite, include=BUILD_DEPENDS)
 
 
 def _source_files(repo: Path) -> list[str]:
@@ -66,11 +66,10 @@ def _pip_env() -> dict[str, str]:
     return env
 
 
-def _dpkg_buildpackage(src: Path, suite: str) -> subprocess.CompletedProcess[str]:
+def _dpkg_buildpackage(src: Path, root: Path | None) -> subprocess.CompletedProcess[str]:
     argv = ["dpkg-buildpackage", "-us", "-uc", "-b"]
-    if suite == host_suite():
+    if root is None:
         return subprocess.run(argv, cwd=src, capture_output=True, text=True, check=False)
-    root = rootfs.cached_root(builder_recipe(suite))
     return rootfs.run_in(root, argv, env=_pip_env(), binds={src.parent: str(Path(SRC_IN_ROOT).parent)},
                          ro_binds={HOST_CA: CA_IN_ROOT}, cwd=SRC_IN_ROOT, timeout=1800)
 
@@ -80,7 +79,13 @@ def build_deb(repo: Path, suite: str | None = None) -> Path:
     their content (rebuilt on change)."""
     suite = suite or host_suite()
     key = source_key(repo)
-    out_dir = rootfs.cache_root() / "deb" / (key if suite == host_suite() else f"{suite}-{key}")
+    native = suite == host_suite()
+    out_dir = rootfs.cache_root() / "deb" / (key if native else f"{suite}-{key}")
+    debs = sorted(out_dir.glob("mi50d_*.deb"))
+    if debs:
+        return debs[-1]
+    # The build root first: building it takes minutes, and the lock below is shared.
+    root = None if native else rootfs.cached_root(builder_recipe(suite))
     with rootfs.locked(out_dir.parent / ".lock"):
         debs = sorted(out_dir.glob("mi50d_*.deb"))
         if debs:
@@ -91,7 +96,7 @@ def build_deb(repo: Path, suite: str | None = None) -> Path:
                 dest = src / rel
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(repo / rel, dest, follow_symlinks=False)
-            proc = _dpkg_buildpackage(src, suite)
+            proc = _dpkg_buildpackage(src, root)
             if proc.returncode != 0:
                 raise RuntimeError(f"dpkg-buildpackage ({suite}) failed:\n"
                                    f"{(proc.stdout + proc.stderr)[-6000:]}")

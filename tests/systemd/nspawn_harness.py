@@ -2,7 +2,7 @@
 
 This module owns three slow artefacts and how they are reused:
 - `debian_root(suite)`: `debootstrap --variant=minbase` of bookworm (systemd 252) or trixie
-  (257), cached under `~/.cache/mi50d/rootfs/<suite>-<key>/` by `rootfs.cached_root`, where
+  (257), cached under `~/.cache/mi50d/rootfs/e2e-<suite>-<key>/` by `rootfs.cached_root`, where
   the key hashes the recipe; built in a temporary directory and renamed into place, so a
   half-built root is never reused.
 - `build_deb(repo, suite)` (tests/systemd/debbuild.py): the .deb for that suite, cached by a
@@ -78,7 +78,8 @@ def recipe(suite: str = DEFAULT_SUITE) -> rootfs.Recipe:
              # An empty machine-id makes systemd generate a fresh one at each boot (in RAM).
              "etc/machine-id": "",
              **{f"etc/systemd/system/{unit}": "@/dev/null" for unit in MASKED_UNITS}}
-    return rootfs.Recipe(name=suite, suite=suite, include=ROOT_PACKAGES + SUITE_PACKAGES[suite],
+    # "e2e-" keeps these apart from the roots of the harness before rootfs.py ("bookworm-<key>").
+    return rootfs.Recipe(name=f"e2e-{suite}", suite=suite, include=ROOT_PACKAGES + SUITE_PACKAGES[suite],
                          files=files)
 
 

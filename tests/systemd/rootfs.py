@@ -4,8 +4,9 @@ A `Recipe` names a suite, what debootstrap includes, and optionally a second ste
 new root (apt sources, pins and `apt-get install`, for packages from another suite such as
 ROCm from experimental). `cached_root(recipe)` builds it on first use under
 `~/.cache/mi50d/rootfs/<name>-<key>/`, in a temporary directory renamed into place, so a
-half-built root is never reused; the key hashes the whole recipe, so changing it builds anew
-and older roots of the same name are pruned.
+half-built root is never reused; the key (16 hex digits) hashes the whole recipe, so changing it
+builds anew and older roots of exactly that name are pruned (names are prefixes of nothing else:
+e2e-trixie, debbuild-trixie, sid-rocm).
 
 What was installed is recorded in the root's `/etc/mi50d-root.json` (the recipe and
 `dpkg-query -W` of every package): experimental moves, and what a root holds is then part of
@@ -94,7 +95,7 @@ def cached_root(recipe: Recipe) -> Path:
             timings = _build(recipe, tmp)
             _record(recipe, tmp, timings)
             tmp.rename(final)
-            prune(final.parent, f"{recipe.name}-*", keep={final})
+            prune(final.parent, f"{recipe.name}-{'[0-9a-f]' * 16}", keep={final})
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp)

@@ -1,9 +1,11 @@
 """mi50d's .deb under real systemd: install, supervise, reload, crash, watchdog, remove, purge.
 
-One container boots for the whole module (a Debian 12 root, `nspawn_harness`); the tests run in
-file order, as the steps an operator would take, and each states what it needs at its start so
-a failure in one step leaves the next ones meaningful. Waits are on observed state (a pid, a
-unit property, an HTTP answer), bounded by a timeout; no test asserts how long anything took.
+One container boots per Debian release (`nspawn_harness`: bookworm's systemd 252 and trixie's
+257, which bracket Ubuntu 24.04's 255; MI50D_E2E_SUITES picks, see `e2e_suites`) and the whole
+module runs in it; the tests run in file order, as the steps an operator would take, and each
+states what it needs at its start so a failure in one step leaves the next ones meaningful.
+Waits are on observed state (a pid, a unit property, an HTTP answer), bounded by a timeout; no
+test asserts how long anything took.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import pytest
 
 from tests.systemd.nspawn_harness import (
     HOST_DIR_IN_CONTAINER,
+    SUITES,
     Machine,
     build_deb,
     debian_root,
@@ -30,6 +33,8 @@ pytestmark = [pytest.mark.systemd, pytest.mark.timeout(900)]
 REPO = Path(__file__).resolve().parents[2]
 LLAMA_DIR = "/var/lib/mi50d/llama/current/bin"  # DaemonConfig.llama_server's default lives here
 SOCKET = "/run/mi50d/control.sock"
+# The systemd each release ships (`systemctl --version`'s first line).
+SYSTEMD_MAJOR = {"bookworm": 252, "trixie": 257}
 TINY_PORT = 18080
 TINY2_PORT = 18081
 MOUNTED_PORT = 18082
@@ -54,15 +59,30 @@ def llama(request: pytest.FixtureRequest) -> tuple[Path, Path] | None:
     return (Path(server), Path(model)) if server and model else None
 
 
+def e2e_suites() -> list[str]:
+    """MI50D_E2E_SUITES (comma-separated, e.g. "trixie" or "bookworm,trixie"), else both."""
+    text = os.environ.get("MI50D_E2E_SUITES", "")
+    chosen = [s.strip() for s in text.split(",") if s.strip()] or list(SUITES)
+    unknown = set(chosen) - set(SUITES)
+    if unknown:
+        raise pytest.UsageError(f"MI50D_E2E_SUITES: unknown {sorted(unknown)}; known: {SUITES}")
+    return chosen
+
+
+@pytest.fixture(scope="module", params=e2e_suites())
+def suite(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture(scope="module")
-def machine(tmp_path_factory: pytest.TempPathFactory,
+def machine(tmp_path_factory: pytest.TempPathFactory, suite: str,
             llama: tuple[Path, Path] | None) -> Iterator[Machine]:
     if not _have_root_tools():
         pytest.skip("needs systemd-container, debootstrap, dpkg-dev, dh-virtualenv "
                     "(scripts/setup.sh installs them)")
-    root = debian_root()
-    deb = build_deb(REPO)
-    host = tmp_path_factory.mktemp("e2e-host")
+    root = debian_root(suite)
+    deb = build_deb(REPO, suite)
+    host = tmp_path_factory.mktemp(f"e2e-host-{suite}")
     host.chmod(0o755)  # the mi50d user reads the model through it
     shutil.copy2(deb, host / deb.name)
     if llama is not None:
@@ -72,7 +92,7 @@ def machine(tmp_path_factory: pytest.TempPathFactory,
             os.link(llama[1], host / "models" / "tiny.gguf")
         except OSError:
             shutil.copy2(llama[1], host / "models" / "tiny.gguf")
-    log = host.parent / "console.log"
+    log = host.parent / f"console-{suite}.log"
     m = Machine(root, host, log)
     try:
         m.wait_booted()
@@ -86,7 +106,7 @@ def machine(tmp_path_factory: pytest.TempPathFactory,
         m.run("systemctl", "daemon-reload")
         yield m
     finally:
-        (host.parent / "journal.txt").write_text(
+        (host.parent / f"journal-{suite}.txt").write_text(
             m.run("journalctl", "-b", "--no-pager", check=False).stdout
             if m.nspawn.poll() is None else "")
         m.poweroff()
@@ -181,6 +201,11 @@ def start_tiny(m: Machine) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # 0. The package itself
+
+
+def test_the_release_runs_its_own_systemd(machine: Machine, suite: str) -> None:
+    first = machine.run("systemctl", "--version").stdout.splitlines()[0]
+    assert first.startswith(f"systemd {SYSTEMD_MAJOR[suite]} "), first
 
 
 def test_package_installs_user_units_and_config(machine: Machine) -> None:
