@@ -17,7 +17,6 @@ date); MI50D_TEST_HIP=0 skips it. Caches: ~/.cache/mi50d/rootfs/sid-rocm-<key>/ 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import struct
@@ -48,23 +47,10 @@ EF_AMDGPU_MACH = 0xFF
 EF_AMDGPU_MACH_AMDGCN_GFX906 = 0x2F
 
 
-def skip_reason(source: Path) -> str | None:
-    flag = os.environ.get("MI50D_TEST_HIP", "")
-    if flag == "0":
-        return "MI50D_TEST_HIP=0"
-    missing = [t for t in ("debootstrap", "systemd-nspawn") if not shutil.which(t)]
-    if missing or os.geteuid() != 0:
-        return f"needs root and {', '.join(missing) or 'debootstrap, systemd-nspawn'}"
-    if flag != "1" and not hip_build.is_built(source):
-        return ("no cached HIP build; MI50D_TEST_HIP=1 builds the sid ROCm root (~4 min) and "
-                "llama.cpp's HIP backend for gfx906 (15-20 min on 2 cores)")
-    return None
-
-
 @pytest.fixture(scope="module")
 def hip() -> hip_build.HipBuild:
     source = llamasrc.ensure_source()
-    reason = skip_reason(source)
+    reason = hip_build.skip_reason(source)
     if reason is not None:
         pytest.skip(reason)
     done = hip_build.build_llama(source, REPO)
