@@ -39,7 +39,7 @@ pytestmark = [pytest.mark.hip, pytest.mark.timeout(4 * 3600)]
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = f"{hip_build.BUILD_ROOT_IN_ROOT}/current/bin"
-MODEL_IN_ROOT = "/srv/models/tiny.gguf"
+MODELS_IN_ROOT = "/srv/models"
 GFX906 = "hipv4-amdgcn-amd-amdhsa--gfx906"
 NO_DEVICE = "ggml_cuda_init: failed to initialize ROCm: no ROCm-capable device is detected"
 EM_AMDGPU = 224
@@ -173,9 +173,11 @@ class Server:
                  env: dict[str, str] | None = None) -> None:
         rw, ro = hip_build.binds(hip.root, llamasrc.ensure_source(), REPO)
         cmd = rootfs.nspawn_command(
-            hip.root, [f"{BIN}/llama-server", "-m", MODEL_IN_ROOT, "--host", "127.0.0.1",
+            hip.root, [f"{BIN}/llama-server", "-m", f"{MODELS_IN_ROOT}/{model.name}",
+                       "--host", "127.0.0.1",
                        "--port", str(port), "-c", "512", *args],
-            env=env, binds=rw, ro_binds={**ro, model.parent: str(Path(MODEL_IN_ROOT).parent)})
+            env=env, binds=rw, ro_binds={**ro, model.parent: MODELS_IN_ROOT},
+            as_pid1=True)
         self.port = port
         self.lines: list[str] = []
         self.listening = threading.Event()

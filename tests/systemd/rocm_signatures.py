@@ -134,7 +134,7 @@ def run(case: Case, hip: hip_build.HipBuild, source: Path, repo: Path, model: Pa
         argv = ["setpriv", f"--reuid={case.user}", f"--regid={case.user}", "--clear-groups",
                 "--", *argv]
     cmd = rootfs.nspawn_command(hip.root, argv, env=dict(case.env), binds=rw, ro_binds=ro,
-                                tmpfs=case.tmpfs)
+                                tmpfs=case.tmpfs, as_pid1=case.serve)
     if case.serve:
         lines = _serve(cmd)
     else:
@@ -172,6 +172,9 @@ def _serve(cmd: list[str], timeout_s: float = 300.0) -> list[str]:
     return lines
 
 
+_NSPAWN_NOTICES = ("/run/systemd/nspawn/propagate", "Trying to halt container")
+
+
 def _ours(lines: list[str]) -> list[str]:
-    """Drop systemd-nspawn's own notice about its propagation directory."""
-    return [line for line in lines if "/run/systemd/nspawn/propagate" not in line]
+    """Drop systemd-nspawn's own notices (its propagation directory, its halt on SIGTERM)."""
+    return [line for line in lines if not any(n in line for n in _NSPAWN_NOTICES)]

@@ -173,12 +173,18 @@ def _check(argv: list[str], what: str) -> None:
 def nspawn_command(root: Path, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
                    binds: Mapping[Path, str] | None = None,
                    ro_binds: Mapping[Path, str] | None = None, tmpfs: Sequence[str] = (),
-                   persist: bool = False, cwd: str | None = None) -> list[str]:
+                   persist: bool = False, cwd: str | None = None,
+                   as_pid1: bool = False) -> list[str]:
     """The systemd-nspawn command line that runs argv in `root` with a clean environment (PATH,
     LANG, HOME, env); writes go to a throwaway overlay unless `persist` (used while building).
-    nspawn passes its SIGTERM on as SIGTERM, so the command can shut down cleanly."""
+
+    By default a stub init is PID 1 and reaps what the command leaves (a build's many
+    children). `as_pid1` makes the command PID 1 itself, for a server that must see the SIGTERM
+    nspawn passes on when it is terminated (the stub does not forward it)."""
     cmd = ["systemd-nspawn", "--quiet", "--register=no", "--keep-unit", f"--directory={root}",
-           "--pipe", "--as-pid2", "--kill-signal=SIGTERM"]
+           "--pipe", "--kill-signal=SIGTERM"]
+    if not as_pid1:
+        cmd.append("--as-pid2")
     if not persist:
         cmd.append("--volatile=overlay")
     for host, inside in (binds or {}).items():
