@@ -140,7 +140,10 @@ def test_the_library_carries_gfx906_code_objects_only(hip: hip_build.HipBuild,
     start = data.index(b"__CLANG_OFFLOAD_BUNDLE__")
     first.write_bytes(data[start:start + 64 * 1024 * 1024])
     rw, ro = hip_build.binds(hip.root, llamasrc.ensure_source(), REPO)
-    listed = rootfs.run_in(hip.root, ["sh", "-c", "clang-offload-bundler-* --list --type=o "
+    # Debian keeps the unsuffixed LLVM tools (llvm-objcopy, which the bundler calls) in its
+    # versioned directory.
+    listed = rootfs.run_in(hip.root, ["sh", "-c", "PATH=$(echo /usr/lib/llvm-*/bin):$PATH "
+                                      "clang-offload-bundler --list --type=o "
                                       "--input=/srv/bundle/bundle.o"],
                            binds=rw, ro_binds={**ro, tmp_path: "/srv/bundle"}, timeout=120)
     assert listed.returncode == 0, listed.stderr
@@ -210,6 +213,8 @@ class Server:
             self.proc.kill()
             rc = self.proc.wait()
         self._reader.join(timeout=10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
         return rc
 
 

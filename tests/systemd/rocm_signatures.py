@@ -131,7 +131,7 @@ def run(case: Case, hip: hip_build.HipBuild, source: Path, repo: Path, model: Pa
     args = [a.format(model=f"{MODEL_DIR_IN_ROOT}/{model.name}", port=port) for a in case.args]
     argv = [f"{BIN}/llama-server", *args]
     if case.user:
-        argv = ["setpriv", f"--reuid={case.user}", f"--regid={case.user}", "--clear-groups",
+        argv = ["setpriv", f"--reuid={case.user}", "--regid=nogroup", "--clear-groups",
                 "--", *argv]
     cmd = rootfs.nspawn_command(hip.root, argv, env=dict(case.env), binds=rw, ro_binds=ro,
                                 tmpfs=case.tmpfs, as_pid1=case.serve)
@@ -169,6 +169,8 @@ def _serve(cmd: list[str], timeout_s: float = 300.0) -> list[str]:
         proc.kill()
         proc.wait()
     reader.join(timeout=10)
+    if proc.stdout is not None:
+        proc.stdout.close()
     return lines
 
 
