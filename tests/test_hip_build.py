@@ -206,12 +206,7 @@ class Server:
             return resp.status, resp.read().decode()
 
     def stop(self) -> int:
-        self.proc.terminate()
-        try:
-            rc = self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            rc = self.proc.wait()
+        rc = rootfs.stop(self.proc)
         self._reader.join(timeout=10)
         if self.proc.stdout is not None:
             self.proc.stdout.close()

@@ -162,12 +162,7 @@ def _serve(cmd: list[str], timeout_s: float = 300.0) -> list[str]:
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     listening.wait(timeout=timeout_s)
-    proc.terminate()
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    rootfs.stop(proc)
     reader.join(timeout=10)
     if proc.stdout is not None:
         proc.stdout.close()

@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -211,3 +212,32 @@ def run_in(root: Path, argv: Sequence[str], *, env: Mapping[str, str] | None = N
         raise RuntimeError(f"{' '.join(argv)!r} in {root} exited {proc.returncode}:\n"
                            f"{(proc.stdout + proc.stderr)[-4000:]}")
     return proc
+
+
+def stop(proc: subprocess.Popen[str], timeout_s: float = 20.0) -> int:
+    """Stop an nspawn started with nspawn_command: SIGTERM (passed on to the command), then, if
+    it does not end, SIGKILL to everything under nspawn first (killing nspawn alone would leave
+    the container's processes running, re-parented to init), then to nspawn."""
+    proc.terminate()
+    try:
+        return proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        for pid in _descendants(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.kill()
+        return proc.wait()
+
+
+def _descendants(pid: int) -> list[int]:
+    found: list[int] = []
+    stack = [pid]
+    while stack:
+        try:
+            text = Path(f"/proc/{stack.pop()}/task").glob("*/children")
+            children = [int(c) for f in text for c in f.read_text().split()]
+        except OSError:
+            children = []
+        found += children
+        stack += children
+    return found
