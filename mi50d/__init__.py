@@ -4,7 +4,9 @@ The top holds the entry (`cli`), the wiring of one daemon (`daemon`: signals, su
 socket and systemd in one TaskGroup), the configuration (`config`, a leaf everyone may import) and
 the systemd adapter (`systemd`). Below it, imports point one way:
 
-    cli, daemon  ->  control  ->  engine  ->  host, llama  ->  config, control.protocol, host.checks
+    cli, daemon  ->  control, gateway, metrics  ->  engine  ->  host, llama  ->  leaves
+
+(the leaves: config, configtypes, control.protocol, host.checks)
 
 `tests/test_layout.py` fails on an upward import or a cycle.
 """
