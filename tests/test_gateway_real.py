@@ -6,10 +6,12 @@ crash-restart, and a start that fails."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import subprocess
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -213,23 +215,51 @@ async def test_start_that_fails_is_a_502_with_the_diagnosis(
 
 
 @pytest.mark.asyncio
-async def test_client_leaving_a_non_streaming_request_stops_generation(
+async def test_client_leaving_a_non_streaming_request_closes_the_upstream_request(
         tmp_path: Path, request: pytest.FixtureRequest) -> None:
-    gport = free_port()
+    """The gateway closes its upstream connection as soon as the client leaves. This llama-server
+    build notices a closed connection of a non-streaming request late (24, 37 and 73 s after the
+    close in three direct trials without the gateway; README), so the test checks the gateway's
+    part, the upstream connection, and reads /slots straight from the instance's port."""
+    gport, port = free_port(), free_port()
     cfg = write_config(tmp_path, settings(gport), {
-        "a": server_instance(request, free_port(), autostart=True, **ENDLESS)})
+        "a": server_instance(request, port, autostart=True, **ENDLESS)})
     async with gateway_on(cfg) as (_, rec, gw), aiohttp.ClientSession() as session:
         await rec.wait("a", "running")
         body = {**CHAT, "model": "a", "max_tokens": 2_000_000}  # no stream: headers at the end
         leaving = asyncio.create_task(session.post(f"{gw.url}/v1/chat/completions", json=body))
         async with asyncio.timeout(60):  # another process's state: re-ask, bounded
-            while not (await slots(session, gport, "a"))[0]["is_processing"]:  # noqa: ASYNC110
+            while not (await asyncio.to_thread(direct_slots, port))[0]["is_processing"]:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
+        assert upstream_connections(port) == 1  # the request in flight, and nothing else
         leaving.cancel()  # the client gives up before any byte of the answer
         with pytest.raises(asyncio.CancelledError):
             await leaving
-        async with asyncio.timeout(60):
-            while (await slots(session, gport, "a"))[0]["is_processing"]:  # noqa: ASYNC110
-                await asyncio.sleep(0.05)
-        status, _ = await chat(session, gport, "a")
-        assert status == 200
+        # Closed, not returned to the pool: a pooled connection would outlive the pool's 4 s
+        # keep-alive, so this bound tells the two apart.
+        async with asyncio.timeout(2):
+            while upstream_connections(port):  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+
+
+def direct_slots(port: int) -> list[dict[str, Any]]:
+    """llama-server's /slots on its own port, on a connection of its own, closed after."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/slots", timeout=10) as resp:
+        result: list[dict[str, Any]] = json.load(resp)
+        return result
+
+
+def upstream_connections(port: int) -> int:
+    """Established TCP connections of this process (the gateway runs in it) to 127.0.0.1:port."""
+    mine = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/self/fd/{fd}")
+            if link.startswith("socket:["):
+                mine.add(link[8:-1])
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "01" and fields[2] == f"0100007F:{port:04X}" and fields[9] in mine:
+            count += 1
+    return count
