@@ -7,6 +7,7 @@ Session fixtures for tests that run the real llama-server:
                 builds it before pytest, since a fresh build takes minutes)
   tiny_model    a tiny random-weight llama GGUF (mi50d.llama.tinymodel), cached under
                 ~/.cache/mi50d/models/
+  hip           the gfx906 HIP build in the cached sid root (skipped unless cached or MI50D_TEST_HIP=1)
 Helpers: free_port(), short_dir().
 """
 
@@ -19,11 +20,15 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from mi50d.llama import source as llamasrc
 from mi50d.llama import tinymodel
+
+if TYPE_CHECKING:
+    from tests.systemd.hip_build import HipBuild
 
 MI50CTL = shutil.which("mi50ctl", path=str(Path(sys.executable).parent)) or "mi50ctl"
 
@@ -60,6 +65,20 @@ def llama_server(llama_source: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(llama_source: Path) -> Path:
     return tinymodel.cached(llamasrc.cache_root() / "models", llama_source / tinymodel.VOCAB_FILE)
+
+
+@pytest.fixture(scope="session")
+def hip(llama_source: Path) -> HipBuild:
+    """The HIP build for gfx906, made by the real `mi50ctl build-llama` in the cached Debian sid
+    root with ROCm (tests/systemd/hip_build.py); skipped unless it is cached or MI50D_TEST_HIP=1."""
+    from tests.systemd import hip_build  # debootstrap helpers: only where a test asks for it
+
+    reason = hip_build.skip_reason(llama_source)
+    if reason is not None:
+        pytest.skip(reason)
+    done = hip_build.build_llama(llama_source, Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, f"build-llama failed:\n{done.output[-6000:]}"
+    return done
 
 
 @pytest.fixture

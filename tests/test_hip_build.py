@@ -31,7 +31,6 @@ import pytest
 
 from mi50d.host.diagnose import diagnose
 from mi50d.llama import source as llamasrc
-from mi50d.llama import tinymodel
 from tests.conftest import free_port
 from tests.systemd import hip_build, rootfs
 
@@ -45,23 +44,6 @@ NO_DEVICE = "ggml_cuda_init: failed to initialize ROCm: no ROCm-capable device i
 EM_AMDGPU = 224
 EF_AMDGPU_MACH = 0xFF
 EF_AMDGPU_MACH_AMDGCN_GFX906 = 0x2F
-
-
-@pytest.fixture(scope="module")
-def hip() -> hip_build.HipBuild:
-    source = llamasrc.ensure_source()
-    reason = hip_build.skip_reason(source)
-    if reason is not None:
-        pytest.skip(reason)
-    done = hip_build.build_llama(source, REPO)
-    assert done.returncode == 0, f"build-llama failed:\n{done.output[-6000:]}"
-    return done
-
-
-@pytest.fixture(scope="module")
-def model() -> Path:
-    source = llamasrc.ensure_source()
-    return tinymodel.cached(llamasrc.cache_root() / "models", source / tinymodel.VOCAB_FILE)
 
 
 def in_root(hip: hip_build.HipBuild, *argv: str, env: dict[str, str] | None = None,
@@ -214,8 +196,8 @@ class Server:
 
 
 @pytest.fixture
-def server(hip: hip_build.HipBuild, model: Path) -> Iterator[Server]:
-    s = Server(hip, model, free_port(), "-ngl", "all")
+def server(hip: hip_build.HipBuild, tiny_model: Path) -> Iterator[Server]:
+    s = Server(hip, tiny_model, free_port(), "-ngl", "all")
     try:
         assert s.listening.wait(timeout=300) and s.proc.poll() is None, "\n".join(s.lines)
         yield s

@@ -15,8 +15,6 @@ from pathlib import Path
 import pytest
 
 from mi50d.host.diagnose import diagnose, diagnose_line
-from mi50d.llama import source as llamasrc
-from mi50d.llama import tinymodel
 from tests.conftest import free_port
 from tests.systemd import hip_build
 from tests.systemd import rocm_signatures as sigs
@@ -53,25 +51,13 @@ def _signature_lines(lines: tuple[str, ...] | list[str]) -> list[str]:
     return [line for line in lines if diagnose_line(line) is not None]
 
 
-@pytest.fixture(scope="module")
-def hip() -> hip_build.HipBuild:
-    source = llamasrc.ensure_source()
-    reason = hip_build.skip_reason(source)
-    if reason is not None:
-        pytest.skip(reason)
-    done = hip_build.build_llama(source, REPO)
-    assert done.returncode == 0, f"build-llama failed:\n{done.output[-6000:]}"
-    return done
-
-
 @pytest.mark.hip
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("case", sigs.CASES, ids=[c.name for c in sigs.CASES])
 def test_real_case_prints_what_its_fixture_holds(hip: hip_build.HipBuild, case: sigs.Case,
+                                                 llama_source: Path, tiny_model: Path,
                                                  tmp_path: Path) -> None:
-    source = llamasrc.ensure_source()
-    model = tinymodel.cached(llamasrc.cache_root() / "models", source / tinymodel.VOCAB_FILE)
-    live = sigs.run(case, hip, source, REPO, model, free_port(), tmp_path)
+    live = sigs.run(case, hip, llama_source, REPO, tiny_model, free_port(), tmp_path)
     fixture = FIXTURES[case.name]
     assert tuple(d.code for d in diagnose(live)) == fixture.expect, "\n".join(live[:60])
     assert _signature_lines(live) == _signature_lines(fixture.lines), "\n".join(live[:60])
