@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from mi50d.llama import demo
 from mi50d.llama import source as llamasrc
 from mi50d.llama import tinymodel
 
@@ -53,7 +54,8 @@ def llama_source() -> Path:
 @pytest.fixture(scope="session")
 def llama_server(llama_source: Path) -> Path:
     root = llamasrc.build_root()
-    argv = [MI50CTL, "build-llama", "--backend", "cpu", "--tool", "llama-server",
+    tools = [arg for tool in demo.TOOLS for arg in ("--tool", tool)]
+    argv = [MI50CTL, "build-llama", "--backend", "cpu", *tools,
             "--source", str(llama_source), "--root", str(root)]
     done = subprocess.run(argv, capture_output=True, text=True, check=False)
     if done.returncode != 0:

@@ -19,6 +19,9 @@ from mi50d.llama import source as llamasrc
 
 PORT = 8090
 INSTANCE = "tiny"
+# The cpu build that the demo and the tests use: llama-server, and llama.cpp's RPC worker (which
+# also builds llama-server with GGML_RPC, so that it takes --rpc).
+TOOLS = ("llama-server", "rpc-server")
 
 
 def socket_path() -> Path:
@@ -55,7 +58,7 @@ def prepare(cache: Path | None = None, output: IO[str] | None = None) -> Path:
     env = dict(os.environ)
     generator = build.check_programs("cpu", env)
     plan = build.plan_build(source, llamasrc.build_root(cache=cache), "cpu",
-                            build.select_tools(source, ("llama-server",)),
+                            build.select_tools(source, TOOLS),
                             jobs=len(os.sched_getaffinity(0)), generator=generator)
     build.build(plan, env, output=output)
     model = tinymodel.cached(cache / "models", source / tinymodel.VOCAB_FILE)
