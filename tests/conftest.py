@@ -24,9 +24,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from mi50d.llama import demo
+from mi50d.llama import demo, tinymodel
 from mi50d.llama import source as llamasrc
-from mi50d.llama import tinymodel
 
 if TYPE_CHECKING:
     from tests.systemd.hip_build import HipBuild
