@@ -46,6 +46,7 @@ def _setup(work: Path, model: Path) -> Path:
         "gateway": {"listen": f"127.0.0.1:{free_port()}"}},
         {"a": {**inst, "port": free_port()}, "b": {**inst, "port": free_port()}})
     conf = load_config(directory).instances["a"]
+    assert conf.model is not None
     need = estimate(conf, read_gguf(conf.model), n_gpus=1).total
     (sysfs / GPU1_DEVICE / "mem_info_vram_total").write_text(f"{need * 3 // 2}\n")
     (sysfs / GPU1_DEVICE / "mem_info_vram_used").write_text("0\n")
@@ -55,6 +56,7 @@ def _setup(work: Path, model: Path) -> Path:
 async def _measure(directory: Path, reps: int) -> list[Row]:
     sysfs = Path(str(load_config(directory).daemon.host.sysfs_root))
     conf = load_config(directory).instances["a"]
+    assert conf.model is not None
     need = estimate(conf, read_gguf(conf.model), n_gpus=1).total
     via: list[float] = []
     hand: list[float] = []

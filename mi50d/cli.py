@@ -37,7 +37,7 @@ def _resolved(config: Config) -> dict[str, object]:
     out: dict[str, object] = {"directory": str(config.directory),
                               "daemon": config.daemon.model_dump(mode="json"), "instances": {}}
     for name, inst in config.instances.items():
-        env = inst.environment({})
+        env = inst.environment({}, config.daemon)
         assert isinstance(out["instances"], dict)
         out["instances"][name] = {
             "argv": inst.argv(config.daemon),
@@ -51,7 +51,7 @@ def _resolved(config: Config) -> dict[str, object]:
 def _print_resolved(config: Config) -> None:
     click.echo(f"config: {config.directory} ({len(config.instances)} instances) ok")
     for name, inst in sorted(config.instances.items()):
-        env = inst.environment({})
+        env = inst.environment({}, config.daemon)
         prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(env.items()))
         cmd = shlex.join(inst.argv(config.daemon))
         click.echo(f"\n[{name}] autostart={str(inst.autostart).lower()} ({inst.source})")

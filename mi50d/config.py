@@ -7,6 +7,7 @@ This module owns turning a directory into a `Config` or one `ConfigError`; it ne
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import stat
@@ -28,11 +29,13 @@ from pydantic import (
 
 from mi50d.configtypes import (
     AbsPath,
+    AllowedAddress,
     Count,
     EnvKey,
     Flag,
     Host,
     PositiveSeconds,
+    RpcEndpoint,
     Seconds,
     Text,
     describe_errors,
@@ -46,6 +49,14 @@ MAX_NAME = 64  # instance names appear in unit names, logs and table columns
 DEFAULT_CONFIG_DIR = Path("/etc/mi50d")
 DEFAULT_SOCKET = Path("/run/mi50d/control.sock")
 DEFAULT_LLAMA_SERVER = Path("/var/lib/mi50d/llama/current/bin/llama-server")
+DEFAULT_CACHE_DIR = Path("/var/lib/mi50d/cache")
+# llama.cpp's RPC worker, newest name first; looked for beside llama_server.
+RPC_SERVER_NAMES = ("ggml-rpc-server", "rpc-server")
+WORKER = "rpc-worker"
+# The keys an rpc-worker file may set; every other key is llama-server's.
+WORKER_KEYS = frozenset({"kind", "host", "port", "gpus", "cache", "allow", "threads", "env",
+                         "args", "rpc_server", "autostart", "requires_mounts", "restart",
+                         "health", "stop"})
 
 # Variables that select GPUs. mi50d sets exactly one of them (ROCR_VISIBLE_DEVICES) from `gpus`;
 # inheriting another would filter the already-filtered list a second time (see `gpu_environment`).
@@ -107,7 +118,8 @@ class StopConfig(_Model):
 class InstanceSettings(_Model):
     """The keys of one instance file (`<name>.toml`); these names are a public contract."""
 
-    model: AbsPath
+    kind: Literal["llama-server", "rpc-worker"] = "llama-server"
+    model: AbsPath | None = None  # required for llama-server
     mmproj: AbsPath | None = None
     host: Host = "127.0.0.1"
     port: Annotated[int, Strict(), Field(ge=1, le=65535)]
@@ -132,6 +144,10 @@ class InstanceSettings(_Model):
     metrics: Flag = True  # llama-server's /metrics, re-exported by mi50d.metrics
     on_demand: Flag = False  # the gateway starts it on a request and may stop it (mi50d.gateway)
     idle_unload_s: PositiveSeconds | None = None  # on_demand only: stop after this long unused
+    rpc: tuple[RpcEndpoint, ...] = ()  # RPC workers the model is split over (--rpc)
+    cache: Flag = False  # rpc-worker: its local tensor cache (-c), under the daemon's cache_dir
+    allow: tuple[AllowedAddress, ...] = ()  # rpc-worker: the clients allowed to connect
+    rpc_server: AbsPath | None = None  # rpc-worker: the binary; default beside llama_server
     restart: RestartConfig = RestartConfig()
     health: HealthConfig = HealthConfig()
     stop: StopConfig = StopConfig()
@@ -168,6 +184,27 @@ class InstanceSettings(_Model):
             )
         return self
 
+    @model_validator(mode="after")
+    def _kind_keys(self) -> InstanceSettings:
+        if self.kind == WORKER:
+            foreign = sorted(k for k in self.model_fields_set
+                             if k not in WORKER_KEYS | {"name", "source"})
+            if foreign:
+                raise ValueError(f"{', '.join(foreign)}: not a key of an rpc-worker (it serves "
+                                 "its devices to a llama-server instance, which has the model "
+                                 "and its settings); remove it")
+            if not is_loopback(self.host) and not self.allow:
+                raise ValueError(f"host, allow: an rpc-worker on {self.host} needs allow = [\"ADDR\", ...], "
+                                 "the clients that may connect (llama.cpp's RPC server has no "
+                                 "authentication); or host = \"127.0.0.1\"")
+            return self
+        if self.model is None:
+            raise ValueError("model: required key is missing; add `model = ...`")
+        own = sorted(k for k in ("cache", "allow", "rpc_server") if k in self.model_fields_set)
+        if own:
+            raise ValueError(f"{', '.join(own)}: only for kind = \"rpc-worker\"; remove it")
+        return self
+
     @field_validator("idle_unload_s")
     @classmethod
     def _idle_needs_on_demand(cls, value: float | None, info: ValidationInfo) -> float | None:
@@ -183,8 +220,26 @@ class InstanceConfig(InstanceSettings):
     name: str
     source: Path
 
+    @property
+    def is_worker(self) -> bool:
+        return self.kind == WORKER
+
     def binary(self, daemon: DaemonConfig) -> Path:
+        if self.is_worker:
+            return self.rpc_server or daemon.rpc_server or rpc_server_beside(daemon.llama_server)
         return self.llama_server or daemon.llama_server
+
+    def client_networks(self) -> tuple[str, ...]:
+        """Where an rpc-worker on a non-loopback address may be reached from: `allow`, loopback,
+        and its own address (mi50d's health probe comes from there); () for no restriction."""
+        if not self.is_worker or is_loopback(self.host):
+            return ()
+        own = [self.host] if _is_ip(self.host) else []
+        return tuple(dict.fromkeys([*self.allow, "127.0.0.0/8", "::1/128", *own]))
+
+    def cache_dir(self, daemon: DaemonConfig) -> Path | None:
+        """An rpc-worker's tensor cache: llama.cpp keeps it in $LLAMA_CACHE/rpc."""
+        return daemon.cache_dir / self.name if self.is_worker and self.cache else None
 
     @property
     def model_name(self) -> str:
@@ -196,7 +251,12 @@ class InstanceConfig(InstanceSettings):
         return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
 
     def argv(self, daemon: DaemonConfig) -> list[str]:
-        """The exact llama-server command line."""
+        """The exact command line: llama-server's, or an rpc-worker's."""
+        if self.is_worker:
+            argv = [str(self.binary(daemon)), "--host", self.host, "--port", str(self.port)]
+            if self.threads is not None:
+                argv += ["--threads", str(self.threads)]
+            return [*argv, *(["--cache"] if self.cache else []), *self.args]
         argv = [str(self.binary(daemon)), "--model", str(self.model)]
         if self.mmproj is not None:
             argv += ["--mmproj", str(self.mmproj)]
@@ -220,10 +280,13 @@ class InstanceConfig(InstanceSettings):
             argv.append("--jinja")
         if self.metrics:
             argv.append("--metrics")
+        if self.rpc:
+            argv += ["--rpc", ",".join(self.rpc)]
         argv += list(self.args)
         return argv
 
-    def environment(self, base: Mapping[str, str]) -> dict[str, str]:
+    def environment(self, base: Mapping[str, str],
+                    daemon: DaemonConfig | None = None) -> dict[str, str]:
         """The child's environment: `base` minus systemd's and GPU-selection variables, plus ours."""
         drop = {"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID",
                 "LISTEN_FDNAMES", "MI50D_SOCKET"}
@@ -231,8 +294,39 @@ class InstanceConfig(InstanceSettings):
             drop.update(GPU_SELECT_VARS)
         env = {k: v for k, v in base.items() if k not in drop}
         env.update(gpu_environment(self.gpus))
+        if self.is_worker:  # its cache is ours to place, or none
+            env.pop("LLAMA_CACHE", None)
+            cache = self.cache_dir(daemon) if daemon is not None else None
+            if cache is not None:
+                env["LLAMA_CACHE"] = str(cache)
         env.update(self.env)
         return env
+
+
+def rpc_server_beside(llama_server: Path) -> Path:
+    """The RPC worker binary in llama_server's directory: the first name that exists, else the
+    newest name (for preflight to report missing)."""
+    for name in RPC_SERVER_NAMES:
+        if (llama_server.parent / name).exists():
+            return llama_server.parent / name
+    return llama_server.parent / RPC_SERVER_NAMES[0]
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def gpu_environment(gpus: tuple[int, ...] | None) -> dict[str, str]:
@@ -292,6 +386,8 @@ class DaemonConfig(_Model):
     """`mi50d.toml`: daemon-wide settings, all optional."""
 
     llama_server: AbsPath = DEFAULT_LLAMA_SERVER
+    rpc_server: AbsPath | None = None  # rpc-workers' binary; default beside llama_server
+    cache_dir: AbsPath = DEFAULT_CACHE_DIR  # rpc-workers' tensor caches, one directory each
     socket: AbsPath = DEFAULT_SOCKET
     socket_group: Text = "mi50d"
     user: Text = "mi50d"
@@ -397,7 +493,11 @@ def load_config(directory: Path) -> Config:
         raw = _read_toml(path, problems)
         if raw is None:
             continue
-        data = _merge_defaults(defaults, raw)
+        if raw.get("kind") == WORKER:  # [defaults] are mostly llama-server keys
+            defaults_here = {k: v for k, v in defaults.items() if k in WORKER_KEYS}
+        else:
+            defaults_here = defaults
+        data = _merge_defaults(defaults_here, raw)
         try:
             InstanceSettings.model_validate(data)
             instances[name] = InstanceConfig.model_validate({**data, "name": name, "source": path})

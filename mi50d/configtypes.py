@@ -16,6 +16,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, Strict, ValidationError
 
+_NAMES_KEYS = re.compile(r"[a-z_]+(?:, [a-z_]+)*: ")
 _LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
 
@@ -66,6 +67,30 @@ def _host(value: str) -> str:
     return value
 
 
+def _rpc_endpoint(value: str) -> str:
+    """HOST:PORT of an RPC worker as llama.cpp's --rpc takes it: it splits at the first ':', so
+    the host is a host name or an IPv4 address, never IPv6."""
+    host, sep, port = value.partition(":")
+    fix = 'write HOST:PORT, e.g. "10.0.0.2:50052"'
+    if value.startswith("[") or value.count(":") > 1:
+        raise ValueError(f"{value[:80]!r}: llama.cpp's --rpc takes no IPv6 addresses; {fix} "
+                         "with an IPv4 address or a host name")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{value[:80]!r} is not HOST:PORT; {fix}")
+    _host(host)
+    return value
+
+
+def _allow(value: str) -> str:
+    """A client address or network allowed to reach an RPC worker: "10.0.0.1", "10.0.0.0/24",
+    "fd00::/64"; written as systemd's IPAddressAllow= takes it."""
+    try:
+        return str(ipaddress.ip_network(value, strict=False))
+    except ValueError:
+        raise ValueError(f"{value[:80]!r} is not an IP address or network; use e.g. "
+                         '"10.0.0.1" or "10.0.0.0/24"') from None
+
+
 PositiveSeconds = Annotated[float, Strict(), Field(gt=0)]
 Seconds = Annotated[float, Strict(), Field(ge=0)]
 Text = Annotated[str, Strict(), AfterValidator(_text)]
@@ -74,6 +99,8 @@ Count = Annotated[int, Strict(), Field(ge=1)]
 Flag = Annotated[bool, Strict()]
 EnvKey = Annotated[str, Strict(), AfterValidator(_env_key)]
 Host = Annotated[Text, AfterValidator(_host)]
+RpcEndpoint = Annotated[Text, AfterValidator(_rpc_endpoint)]
+AllowedAddress = Annotated[Text, AfterValidator(_allow)]
 
 
 def shown(text: str) -> str:
@@ -95,6 +122,8 @@ def describe_errors(path: Path, exc: ValidationError, model: type[BaseModel],
         if where[-1:] == ("[key]",):  # a bad key of a table such as env
             where = where[:-1]
         loc = shown(".".join(str(p) or '""' for p in (*prefix, *where))) or "(file)"
+        if loc == "(file)" and _NAMES_KEYS.match(err["msg"].removeprefix("Value error, ")):
+            loc = ""  # a rule across keys whose message begins with the keys it is about
         kind = err["type"]
         if kind == "extra_forbidden":
             known = known_keys(model, err["loc"][:-1])
@@ -115,7 +144,8 @@ def describe_errors(path: Path, exc: ValidationError, model: type[BaseModel],
                     msg += "; write the number without quotes"
                 elif kind == "int_type" and isinstance(got, float):
                     msg += "; write a whole number"
-            lines.append(f"{shown(path.name)}: {loc}: {msg}")
+            lines.append(f"{shown(path.name)}: {loc}: {msg}" if loc else
+                         f"{shown(path.name)}: {msg}")
     return lines
 
 

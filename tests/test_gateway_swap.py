@@ -94,6 +94,7 @@ def setup_host(tmp_path: Path, request: pytest.FixtureRequest,
         "preflight": False, "host": {"sysfs_root": str(sysfs)},
         "gateway": {"listen": f"127.0.0.1:{gport}", "swap_wait_s": 60}}, table)
     conf = next(iter(load_config(cfg).instances.values()))
+    assert conf.model is not None
     need = estimate(conf, read_gguf(conf.model), n_gpus=1).total
     (sysfs / GPU1_DEVICE / "mem_info_vram_total").write_text(f"{need * 3 // 2}\n")
     (sysfs / GPU1_DEVICE / "mem_info_vram_used").write_text("0\n")

@@ -38,6 +38,7 @@ from mi50d.engine.run import (
 from mi50d.engine.states import ALIVE, Outcome, State, check_transition
 from mi50d.engine.units import UnitChild
 from mi50d.host.accounts import Account
+from mi50d.host.checks import Transient
 
 log = logging.getLogger("mi50d.engine.instance")
 
@@ -297,13 +298,16 @@ class Instance:
                 return None  # asked to stop meanwhile: nothing is spawned
             if problem is not None:
                 self.diagnosis = problem
-                return Ended(Outcome.FATAL, f"preflight failed: {problem}")
+                outcome = Outcome.START_FAILED if isinstance(problem, Transient) else Outcome.FATAL
+                return Ended(outcome, f"preflight failed: {problem}")
         spec = SpawnSpec(
             argv=config.argv(daemon),
             env=config.environment(
-                {**os.environ, **(self.account.environment() if self.account else {})}),
+                {**os.environ, **(self.account.environment() if self.account else {})}, daemon),
             account=self.account,
             on_line=self._take_line,
+            allow=config.client_networks(),
+            writable=tuple(str(d) for d in [config.cache_dir(daemon)] if d is not None),
         )
         self.diagnosis = None
         self.logged_vram = {}
@@ -384,10 +388,10 @@ class Instance:
 
     # ---- bookkeeping (also used by engine.run) -----------------------------------------------
 
-    def mark_ready(self, path: str) -> None:
+    def mark_ready(self, how: str) -> None:
         self._running_since = self._since_hint or time.monotonic()
         self._since_hint = None
-        self.set_state(State.RUNNING, f"{path} answered 200")
+        self.set_state(State.RUNNING, how)
 
     def line_event(self) -> asyncio.Event:
         return self._line

@@ -38,6 +38,10 @@ class SpawnSpec:
     account: Account | None = None
     cwd: str = "/"
     on_line: Callable[[str], None] | None = field(default=None, compare=False)
+    # Under systemd only: the client networks a unit may talk to (IPAddressAllow=, with
+    # IPAddressDeny=any; empty: no restriction), and directories it may write.
+    allow: tuple[str, ...] = ()
+    writable: tuple[str, ...] = ()
 
 
 def _child_setup(account: Account | None, parent: int) -> Callable[[], None]:

@@ -16,9 +16,11 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from mi50d.config import DaemonConfig, InstanceConfig
-from mi50d.engine.health import probe
+from mi50d.engine.health import HealthResult, probe
 from mi50d.engine.states import Outcome, State
+from mi50d.host import tcpstate
 from mi50d.host.accounts import Account
+from mi50d.host.rpchello import HelloError, hello_async
 
 log = logging.getLogger("mi50d.engine.run")
 
@@ -88,6 +90,7 @@ class Watched(Protocol):
     reason: str
     diagnosis: str | None
     logged_vram: dict[int, int]
+    pid: int | None
 
     @property
     def name(self) -> str: ...
@@ -97,7 +100,7 @@ class Watched(Protocol):
 
     def set_state(self, new: State, reason: str) -> None: ...
 
-    def mark_ready(self, path: str) -> None: ...
+    def mark_ready(self, how: str) -> None: ...
 
     def line_event(self) -> asyncio.Event: ...
 
@@ -209,6 +212,51 @@ def probe_address(config: InstanceConfig) -> tuple[str, int]:
     return host, config.port
 
 
+SERVING = "Accepted client connection"  # an RPC worker's line; it then answers only that client
+SERVED = "Client connection closed"
+
+
+async def probe_of(inst: Watched) -> HealthResult:
+    """One probe: llama-server's health path over HTTP; an rpc-worker's hello.
+
+    An RPC worker serves one client at a time from a backlog of one: while llama-server is its
+    client (its last connection line is SERVING) a probe's connection would wait, or overflow
+    the backlog. Then the worker is healthy while it listens on its port (the kernel's socket
+    table says so without connecting), and llama-server has lost it once its connection to the
+    worker is closed from the worker's side (`host.tcpstate`)."""
+    host, port = probe_address(inst.config)
+    cfg = inst.config.health
+    if not inst.config.is_worker:
+        result = await probe(host, port, cfg.path, cfg.timeout_s)
+        if result.ok and inst.config.rpc and inst.pid is not None:
+            lost = await asyncio.to_thread(_lost_workers, inst.pid, inst.config.rpc)
+            if lost:
+                return HealthResult(False, None, f"RPC worker {lost[0]} unreachable (it closed "
+                                    "its connection to llama-server: it died or restarted)")
+        return result
+    if _serving(inst.lines):
+        if await asyncio.to_thread(tcpstate.listening, port):
+            return HealthResult(True, None, "serving a client; listening")
+        return HealthResult(False, None, f"serving a client but no longer listening on {port}")
+    try:
+        version = await hello_async(host, port, cfg.timeout_s)
+    except HelloError as exc:
+        return HealthResult(False, None, str(exc))
+    return HealthResult(True, 200, f"RPC protocol {version}")
+
+
+def _lost_workers(pid: int, endpoints: Sequence[str]) -> list[str]:
+    return tcpstate.lost_workers(pid, {e: tcpstate.resolve(e) for e in endpoints})
+
+
+def _serving(lines: Iterable[str]) -> bool:
+    last = None
+    for line in lines:
+        if line.startswith((SERVING, SERVED)):
+            last = line
+    return last is not None and last.startswith(SERVING)
+
+
 async def health_watch(inst: Watched) -> tuple[Outcome, str]:
     """Wait for the first 200, then watch; return only on a hang or a start timeout."""
     cfg = inst.config.health
@@ -228,23 +276,23 @@ async def health_watch(inst: Watched) -> tuple[Outcome, str]:
     buffers = inst.hooks.buffers_of(inst.config)
     if buffers is not None:
         inst.logged_vram = await bounded(buffers, lines, READ_LINES_TIMEOUT_S) or {}
-    inst.mark_ready(cfg.path)
+    inst.mark_ready("answered the RPC hello" if inst.config.is_worker
+                    else f"{cfg.path} answered 200")
     failures = 0
-    host, port = probe_address(inst.config)
     # Probes keep a fixed schedule (a slow, timed-out probe does not push the next one back),
     # so a hang is caught within interval_s * failures + timeout_s.
     due = clock()
     while True:
         due = max(due + cfg.interval_s, clock())
         await asyncio.sleep(due - clock())
-        result = await probe(host, port, cfg.path, cfg.timeout_s)
+        result = await probe_of(inst)
         inst.hooks.observed(inst.name, "health_probe", clock() - due)  # it began when due
         if result.ok:
             if failures:
                 log.info("health_recovered instance=%s", inst.name)
             failures = 0
             if inst.state is State.UNHEALTHY:
-                inst.set_state(State.RUNNING, f"{cfg.path} answers 200 again")
+                inst.set_state(State.RUNNING, f"healthy again ({result.detail})")
             continue
         failures += 1
         log.warning("health_failed instance=%s failures=%d/%d detail=%s", inst.name,
@@ -259,13 +307,11 @@ async def health_watch(inst: Watched) -> tuple[Outcome, str]:
 async def _until_ready(inst: Watched) -> None:
     """Probe until 200: right after each output line (llama-server logs when it is ready), else
     with gaps growing from 10 ms to 250 ms, so readiness is seen within one probe."""
-    host, port = probe_address(inst.config)
-    cfg = inst.config.health
     line = inst.line_event()
     gap = FIRST_PROBE_S
     while True:
         line.clear()
-        result = await probe(host, port, cfg.path, cfg.timeout_s)
+        result = await probe_of(inst)
         if result.ok:
             return
         if result.status is not None:

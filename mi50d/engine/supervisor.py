@@ -86,7 +86,8 @@ class Supervisor:
 
         def preflight(conf: InstanceConfig, daemon: DaemonConfig,
                       account: Account | None) -> Callable[[], str | None]:
-            return preflight_job(conf, daemon, account, self.others(conf.name))
+            return preflight_job(conf, daemon, account, self.others(conf.name),
+                                 units=self.spawner is not None)
 
         inst = Instance(
             config,

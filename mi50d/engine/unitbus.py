@@ -9,8 +9,10 @@ compares exactly and without a file to keep in step with the unit.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import os
+import socket
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -65,14 +67,17 @@ def binary_identity(path: str) -> list[object]:
     return [os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
 
 
-def launch_digest(argv: Sequence[str], env: Mapping[str, str], account: Account | None) -> str:
-    record = {
+def launch_digest(argv: Sequence[str], env: Mapping[str, str], account: Account | None,
+                  allow: Sequence[str] = ()) -> str:
+    record: dict[str, object] = {
         "argv": list(argv),
         "env": sorted(unit_environment(env).items()),
         "account": None if account is None else
         [account.name, account.uid, account.gid, list(account.groups), account.home],
         "binary": binary_identity(argv[0]) if argv else None,
     }
+    if allow:  # absent otherwise, so units started before allow existed are still adopted
+        record["allow"] = list(allow)
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -120,7 +125,8 @@ def _variant(signature: str, value: object) -> Any:
 
 def transient_properties(instance: str, digest: str, argv: Sequence[str],
                          env: Mapping[str, str], account: Account | None, cwd: str,
-                         stop_timeout_s: float) -> list[tuple[str, Any]]:
+                         stop_timeout_s: float, allow: Sequence[str] = (),
+                         writable: Sequence[str] = ()) -> list[tuple[str, Any]]:
     """The unit: llama-server as the instance's account, in the journal, sandboxed as mi50d.service
     itself is (README, "Instances as systemd units", lists what differs and why)."""
     v = _variant
@@ -173,9 +179,21 @@ def transient_properties(instance: str, digest: str, argv: Sequence[str],
             ("Group", v("s", str(account.gid))),
             ("SupplementaryGroups", v("as", [str(g) for g in account.groups if g != account.gid])),
         ]
-        if account.home not in ("", "/"):  # ROCm's and HIP's caches live under HOME
-            props.append(("ReadWritePaths", v("as", [f"-{account.home}"])))
+    paths = [f"-{account.home}"] if account is not None and account.home not in ("", "/") else []
+    if paths or writable:  # ROCm's and HIP's caches live under HOME; an RPC worker's cache
+        props.append(("ReadWritePaths", v("as", [*paths, *writable])))
+    if allow:
+        props += [("IPAddressAllow", v("a(iayu)", [ip_prefix(a) for a in allow])),
+                  ("IPAddressDeny", v("a(iayu)", [(socket.AF_INET, [0] * 4, 0),
+                                                  (socket.AF_INET6, [0] * 16, 0)]))]
     return props
+
+
+def ip_prefix(network: str) -> tuple[int, list[int], int]:
+    """"10.0.0.0/24" as systemd's IPAddressAllow= takes it over D-Bus: (family, bytes, prefix)."""
+    net = ipaddress.ip_network(network, strict=False)
+    family = socket.AF_INET if net.version == 4 else socket.AF_INET6
+    return family, list(net.network_address.packed), net.prefixlen
 
 
 class Manager:

@@ -251,7 +251,7 @@ class UnitSpawner:
         if problem is not None:
             raise ValueError(problem)
         unit = unit_name(name)
-        digest = launch_digest(spec.argv, spec.env, spec.account)
+        digest = launch_digest(spec.argv, spec.env, spec.account, spec.allow)
         state, adopted = await asyncio.to_thread(self._adopt_or_start, name, unit, digest, spec,
                                                  stop_timeout_s)
         child = UnitChild(self, unit, state, adopted, spec.on_line)
@@ -287,7 +287,8 @@ class UnitSpawner:
         argv = list(spec.argv)
         try:
             m.start(unit, transient_properties(name, digest, argv, spec.env, spec.account,
-                                               spec.cwd, stop_timeout_s))
+                                               spec.cwd, stop_timeout_s, spec.allow,
+                                               spec.writable))
         except Exception as exc:
             raise ValueError(f"systemd refused unit {unit}: {_dbus_message(exc)}") from None
         for _ in range(SETTLE_TRIES):

@@ -57,7 +57,7 @@ class Gateway:
     async def models(self, request: web.Request) -> web.Response:
         """`GET /v1/models`: every routable instance under the name clients use, with its state."""
         data = []
-        for name, conf in sorted(self.instances.config.instances.items()):
+        for name, conf in sorted(routing.served(self.instances.config.instances).items()):
             try:
                 state = str(self.instances.state(name))
             except UnknownInstance:
@@ -172,7 +172,8 @@ class Gateway:
 
 def model_of(body: bytes, instances: dict[str, InstanceConfig]) -> str:
     """The body's `model`, from one decoding of it; 400 with what to send otherwise."""
-    known = ", ".join(sorted({c.model_name for c in instances.values()})) or "none configured"
+    models = routing.served(instances).values()
+    known = ", ".join(sorted({c.model_name for c in models})) or "none configured"
     try:
         doc = json.loads(body)
     except ValueError as exc:

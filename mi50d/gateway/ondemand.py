@@ -225,6 +225,8 @@ class OnDemand:
         if not found or any(i >= len(found) for i in wanted):
             return None
         selected = [found[i] for i in wanted]
+        if conf.model is None:
+            return None
         try:
             model = read_gguf(conf.model)
             mmproj = conf.mmproj.stat().st_size if conf.mmproj is not None else 0

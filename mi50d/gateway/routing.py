@@ -19,10 +19,17 @@ MODEL_ROUTES = (
 )
 
 
+def served(instances: Mapping[str, InstanceConfig]) -> dict[str, InstanceConfig]:
+    """The instances that serve a model: every one but the rpc-workers (which serve devices to
+    llama-server, not requests to clients)."""
+    return {name: inst for name, inst in instances.items() if not inst.is_worker}
+
+
 def names(instances: Mapping[str, InstanceConfig]) -> dict[str, str]:
-    """{model name or alias: instance name} for every instance."""
-    table = {name: name for name in instances}
-    for name, inst in instances.items():
+    """{model name or alias: instance name} for every instance that serves a model."""
+    models = served(instances)
+    table = {name: name for name in models}
+    for name, inst in models.items():
         if inst.alias:
             table.setdefault(inst.alias, name)
     return table
@@ -32,7 +39,7 @@ def resolve(instances: Mapping[str, InstanceConfig], model: str) -> InstanceConf
     """The instance `model` names; a 404 naming the models there are otherwise."""
     name = names(instances).get(model)
     if name is None:
-        known = ", ".join(sorted({i.model_name for i in instances.values()})) or "none"
+        known = ", ".join(sorted({i.model_name for i in served(instances).values()})) or "none"
         raise GatewayError(404, f"model {model[:200]!r} is not served here; the models are: "
                            f"{known} (GET /v1/models lists them)", "model_not_found")
     return instances[name]

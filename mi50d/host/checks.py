@@ -39,6 +39,11 @@ class Check:
                 "fix": self.fix, "data": dict(self.data)}
 
 
+class Transient(str):
+    """A preflight failure that can pass later without a change here (an RPC worker that is not
+    up yet): the restart policy retries it, where any other failed check stops the instance."""
+
+
 def ok(name: str, message: str, **data: Any) -> Check:
     return Check(name, "ok", message, None, data)
 

@@ -65,6 +65,16 @@ SIGNATURES: tuple[_Signature, ...] = (
          "rocBLAS has no Tensile kernels for gfx906 (\"Cannot read TensileLibrary.dat\")",
          "install rocBLAS's gfx906 files into /opt/rocm/lib/rocblas/library (ROCm >= 6.4 "
          "ships none; mi50ctl doctor shows the check)"),
+    _sig("rpc_unreachable",
+         r"Failed to connect to (?P<endpoint>[^\s:]{1,253}:\d{1,5})",
+         "RPC worker {endpoint} unreachable (llama-server could not connect to it)",
+         "start the worker (mi50ctl status on its host) and check that its allow lists this "
+         "host; mi50d restarts this instance by its policy meanwhile"),
+    _sig("rpc_worker_lost",
+         r"Remote RPC server crashed or returned malformed response",
+         "an RPC worker went away mid-run (\"Remote RPC server crashed\")",
+         "mi50ctl status on the worker's host says why; mi50d restarts this instance by its "
+         "policy once the worker answers again"),
     _sig("out_of_memory",
          r"cudaMalloc failed: out of memory|hipErrorOutOfMemory|unable to allocate (?:ROCm|CUDA)"
          r"\d* buffer|failed to allocate buffer for kv cache|failed to allocate compute "

@@ -8,7 +8,9 @@ from collections.abc import Callable, Sequence
 from mi50d.config import DaemonConfig, InstanceConfig
 from mi50d.host import diagnose as diag
 from mi50d.host.accounts import Account
+from mi50d.host.checks import Transient
 from mi50d.host.preflight import Other, expects_gpu, run_preflight
+from mi50d.host.rpchello import HelloError, hello
 
 # Retrying the same launch cannot fix these: the file, the build, the port or the VRAM is wrong.
 FATAL_CODES = frozenset({
@@ -19,14 +21,15 @@ FATAL_CODES = frozenset({
 
 
 def preflight_job(
-    inst: InstanceConfig, daemon: DaemonConfig, account: Account | None, others: Sequence[Other]
+    inst: InstanceConfig, daemon: DaemonConfig, account: Account | None, others: Sequence[Other],
+    units: bool = False,
 ) -> Callable[[], str | None]:
     """A job for a worker thread: None when every check passed, else the first failure's line."""
 
     def job() -> str | None:
-        for check in run_preflight(inst, daemon, account, others):
+        for check in run_preflight(inst, daemon, account, others, units=units):
             if check.failed:
-                return check.line()
+                return Transient(check.line()) if check.data.get("transient") else check.line()
         return None
 
     return job
@@ -40,9 +43,26 @@ def diagnose_failure(inst: InstanceConfig) -> Callable[[Sequence[str]], tuple[st
         if not found:
             return None
         first = found[0]
+        if first.code == "rpc_worker_lost" and inst.rpc:
+            gone = unreachable_workers(inst.rpc)
+            if gone:
+                return (f"{'; '.join(gone)} (llama-server lost it mid-run); fix: "
+                        f"{first.fix}", False)
         return first.line(), first.code in FATAL_CODES
 
     return read
+
+
+def unreachable_workers(endpoints: Sequence[str], timeout_s: float = 1.0) -> list[str]:
+    """"RPC worker HOST:PORT unreachable (why)" for each of `endpoints` that answers no hello."""
+    gone = []
+    for endpoint in endpoints:
+        host, _, port = endpoint.partition(":")
+        try:
+            hello(host, int(port), timeout_s)
+        except HelloError as exc:
+            gone.append(f"RPC worker {endpoint} unreachable ({exc})")
+    return gone
 
 
 def degraded_reason(inst: InstanceConfig) -> Callable[[Sequence[str]], str | None]:

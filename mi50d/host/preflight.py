@@ -32,6 +32,7 @@ from mi50d.host.mmproj import projector_check
 from mi50d.host.mounts import MountinfoError, foreign_hint, mount_of, noexec_fix, read_mounts
 from mi50d.host.mountunits import ensure_mounted
 from mi50d.host.preflightcache import cached_access, cached_run, device_files, runtime_files
+from mi50d.host.rpcpreflight import enforcement_check, worker_version_check, workers_check
 from mi50d.host.vram import check_fit, estimate
 
 VERSION_TIMEOUT_S = 30.0
@@ -55,18 +56,28 @@ class Other:
 
 
 def expects_gpu(inst: InstanceConfig) -> bool:
-    """`n_gpu_layers = 0` is the explicit choice to run on the CPU; anything else wants GPUs."""
+    """`n_gpu_layers = 0` is the explicit choice to run on the CPU; anything else wants GPUs.
+    An rpc-worker wants GPUs when it lists them, and so does an instance split over RPC workers
+    (its layers may all go to the workers' devices)."""
+    if inst.is_worker or inst.rpc:
+        return inst.gpus is not None
     return inst.n_gpu_layers != 0
 
 
 def run_preflight(inst: InstanceConfig, daemon: DaemonConfig, account: Account | None,
                   others: Sequence[Other] = (), *, bus_address: str | None = None,
-                  run_binary: bool = True) -> list[Check]:
-    """All checks for starting `inst` as `account` (None: as this process) next to `others`."""
+                  run_binary: bool = True, units: bool = False) -> list[Check]:
+    """All checks for starting `inst` as `account` (None: as this process) next to `others`;
+    `units`: whether it would run as a systemd unit (which enforces an rpc-worker's allow)."""
     checks = [ensure_mounted(p, lambda: read_mounts(daemon.host.mountinfo),
                              bus_address=bus_address, name=f"mount {p}")
               for p in inst.requires_mounts]
     checks += _binary(inst, daemon, account, run_binary)
+    if inst.is_worker:
+        return [*checks, *_worker(inst, daemon, account, others, run_binary, units)]
+    if inst.rpc and run_binary:
+        checks.append(workers_check(inst, daemon))
+    assert inst.model is not None  # config: a llama-server instance has one
     model_check, model = _gguf(inst.model, "model", daemon, account, want_mmproj=False)
     checks.append(model_check)
     mmproj_size = 0
@@ -97,6 +108,20 @@ def run_preflight(inst: InstanceConfig, daemon: DaemonConfig, account: Account |
     return checks
 
 
+def _worker(inst: InstanceConfig, daemon: DaemonConfig, account: Account | None,
+            others: Sequence[Other], run_binary: bool, units: bool) -> list[Check]:
+    checks = [enforcement_check(inst, units), _port(inst, account, others)]
+    if run_binary and not any(c.failed for c in checks):
+        checks.append(worker_version_check(inst, daemon))
+    if inst.gpus is not None:
+        gpu_check, selected = _gpus(inst, daemon)
+        checks.append(gpu_check)
+        if selected:
+            checks.append(device_access_check(selected, daemon, account))
+            checks.append(_rocblas(selected, daemon, inst.environment(os.environ)))
+    return checks
+
+
 def _mount_note(path: Path, daemon: DaemonConfig) -> tuple[bool, str | None]:
     """(noexec?, the remount fix) for the mount holding `path`."""
     try:
@@ -110,7 +135,9 @@ def _binary(inst: InstanceConfig, daemon: DaemonConfig, account: Account | None,
             run_binary: bool) -> list[Check]:
     binary = inst.binary(daemon)
     user = account_name(account)
-    problem = file_problem(binary, "llama_server", "the llama-server executable",
+    key, what = (("rpc_server", "the RPC server executable") if inst.is_worker
+                 else ("llama_server", "the llama-server executable"))
+    problem = file_problem(binary, key, what,
                            "build it with mi50ctl build-llama, or set llama_server in mi50d.toml",
                            account_name(None))
     if problem:
@@ -122,7 +149,7 @@ def _binary(inst: InstanceConfig, daemon: DaemonConfig, account: Account | None,
     if denied:
         return [fail("binary", f"{user} cannot execute {binary}: {denied}",
                      f"chmod 755 {binary} and make its directories searchable (o+x) for {user}")]
-    if not run_binary:
+    if not run_binary or inst.is_worker:  # an RPC server has no --version (_worker asks it)
         return [ok("binary", f"{binary} is executable by {user}")]
     env = inst.environment(os.environ)
     version = cached_run(account, [str(binary), "--version"], env, VERSION_TIMEOUT_S,

@@ -55,6 +55,8 @@ _ESTIMATES_SIZE = 256
 
 def vram_estimate(conf: InstanceConfig, gpus: Sequence[Gpu]) -> int | None:
     """Bytes the instance is expected to need on its GPUs; None if its model cannot be read."""
+    if conf.model is None:  # an rpc-worker: its VRAM is its clients' to plan
+        return None
     try:
         model = read_gguf(conf.model)  # remembered by file identity in ggufmeta
         mmproj = conf.mmproj.stat().st_size if conf.mmproj is not None else 0

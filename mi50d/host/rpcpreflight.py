@@ -1,0 +1,88 @@
+"""Preflight for llama.cpp's RPC: an rpc-worker's own checks, and a llama-server instance's check
+that every worker in its `rpc` list answers and speaks a protocol version its build accepts.
+
+The local build's version is asked of the RPC server binary beside llama-server (build-llama
+builds both from one source under one fingerprint): it is started on a free loopback port, says
+hello, and is killed (`rpchello.binary_version`).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+
+from mi50d.config import DaemonConfig, InstanceConfig, is_loopback, rpc_server_beside
+from mi50d.host.checks import Check, fail, ok, warn
+from mi50d.host.rpchello import HelloError, Version, binary_version, compatible, hello
+
+VERSION_TIMEOUT_S = 10.0
+HELLO_TIMEOUT_S = 5.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def local_version(binary: os.PathLike[str] | str, env: Mapping[str, str]) -> Version:
+    return binary_version([os.fspath(binary)], env, free_port(), VERSION_TIMEOUT_S)
+
+
+def worker_version_check(inst: InstanceConfig, daemon: DaemonConfig) -> Check:
+    """An rpc-worker's binary starts and answers a hello (it has no --version)."""
+    binary = inst.binary(daemon)
+    try:
+        version = local_version(binary, inst.environment(os.environ, daemon))
+    except (HelloError, OSError) as exc:
+        return fail("binary", f"{binary} did not start as an RPC server: {exc}",
+                    f"run {binary} --port 50052 by hand to see why; rebuild with "
+                    "mi50ctl build-llama (it builds the RPC server too)")
+    return ok("binary", f"{binary} speaks RPC protocol {version}", version=str(version))
+
+
+def enforcement_check(inst: InstanceConfig, units: bool) -> Check:
+    """`allow` is enforced by the kernel through systemd's IPAddressAllow=/IPAddressDeny=any on
+    the worker's unit; without units there is nothing to enforce it, so only loopback is let."""
+    if is_loopback(inst.host):
+        return ok("allow", f"listens on {inst.host} only")
+    if units:
+        return ok("allow", f"clients limited to {', '.join(inst.allow)} and loopback by "
+                  "IPAddressAllow= on its unit (IPAddressDeny=any)")
+    return fail("allow", f"{inst.host} is not loopback and mi50d runs without systemd units, so "
+                "nothing would enforce allow", "run mi50d under systemd (its units carry "
+                "IPAddressAllow=), or set host = \"127.0.0.1\"")
+
+
+def workers_check(inst: InstanceConfig, daemon: DaemonConfig) -> Check:
+    """Every worker in `rpc` answers a hello with a version this build accepts."""
+    sibling = rpc_server_beside(inst.binary(daemon))
+    if not sibling.exists():
+        mine = None
+    else:
+        try:
+            mine = local_version(sibling, inst.environment(os.environ, daemon))
+        except (HelloError, OSError):
+            mine = None
+    versions: dict[str, str] = {}
+    for endpoint in inst.rpc:
+        host, _, port = endpoint.partition(":")
+        try:
+            theirs = hello(host, int(port), HELLO_TIMEOUT_S)
+        except HelloError as exc:
+            return fail("rpc", f"RPC worker {endpoint} unreachable: {exc}",
+                        "start it (mi50ctl start on that host) and check that its allow "
+                        "lists this host", transient=True)
+        versions[endpoint] = str(theirs)
+        if mine is not None and not compatible(mine, theirs):
+            return fail("rpc", f"RPC worker {endpoint} speaks protocol {theirs}, this build "
+                        f"speaks {mine}", "build both hosts from the same llama.cpp source "
+                        "(mi50ctl build-llama shows its fingerprint)", workers=versions)
+    answered = ", ".join(f"{e} ({v})" for e, v in versions.items())
+    if mine is None:
+        return warn("rpc", f"workers answer: {answered}; this build's RPC version is unknown "
+                    f"(no RPC server beside {inst.binary(daemon)})",
+                    "build with mi50ctl build-llama, which builds both", workers=versions)
+    return ok("rpc", f"workers answer: {answered}; this build speaks {mine}", workers=versions)
