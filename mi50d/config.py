@@ -234,7 +234,8 @@ class InstanceConfig(InstanceSettings):
         and its own address (mi50d's health probe comes from there); () for no restriction."""
         if not self.is_worker or is_loopback(self.host):
             return ()
-        own = [self.host] if _is_ip(self.host) else []
+        own = [self.host] if _is_ip(self.host) and not ipaddress.ip_address(
+            self.host).is_unspecified else []
         return tuple(dict.fromkeys([*self.allow, "127.0.0.0/8", "::1/128", *own]))
 
     def cache_dir(self, daemon: DaemonConfig) -> Path | None:

@@ -12,6 +12,7 @@ APT_PACKAGES=(
     dpkg-dev debhelper dh-virtualenv fakeroot     # building the .deb
     util-linux procps iproute2 curl ntfs-3g       # nsenter, ps, ss, curl, a real NTFS mount in tests
     prometheus                                    # a real Prometheus scraping /metrics in tests
+    nftables                                      # enforcing an rpc-worker's allow (and its tests)
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

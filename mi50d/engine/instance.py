@@ -37,6 +37,7 @@ from mi50d.engine.run import (
 )
 from mi50d.engine.states import ALIVE, Outcome, State, check_transition
 from mi50d.engine.units import UnitChild
+from mi50d.host import firewall
 from mi50d.host.accounts import Account
 from mi50d.host.checks import Transient
 
@@ -300,6 +301,13 @@ class Instance:
                 self.diagnosis = problem
                 outcome = Outcome.START_FAILED if isinstance(problem, Transient) else Outcome.FATAL
                 return Ended(outcome, f"preflight failed: {problem}")
+        networks = config.client_networks()
+        if networks and self.hooks.spawn is None:  # a unit gets IPAddressAllow= instead
+            try:
+                await asyncio.to_thread(firewall.install, config.name, config.port, networks)
+            except firewall.FirewallError as exc:
+                self.diagnosis = f"allow: {exc}"
+                return Ended(Outcome.FATAL, self.diagnosis)
         spec = SpawnSpec(
             argv=config.argv(daemon),
             env=config.environment(
