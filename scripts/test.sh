@@ -14,6 +14,8 @@ bash scripts/setup.sh || exit 1
 
 step "llama.cpp source, cpu llama-server build (cached after the first), tiny model"
 .venv/bin/python -m mi50d.llama.demo >/dev/null || exit 1
+step "the cpu build with llama.cpp's RPC server, for the RPC tests (cached after the first)"
+.venv/bin/python -m mi50d.llama.demo --rpc >/dev/null || exit 1
 
 step "ruff check"
 .venv/bin/ruff check . || failed+=(ruff)

@@ -50,17 +50,28 @@ def llama_source() -> Path:
     return llamasrc.ensure_source()
 
 
-@pytest.fixture(scope="session")
-def llama_server(llama_source: Path) -> Path:
-    root = llamasrc.build_root()
-    tools = [arg for tool in demo.TOOLS for arg in ("--tool", tool)]
-    argv = [MI50CTL, "build-llama", "--backend", "cpu", *tools,
-            "--source", str(llama_source), "--root", str(root)]
+def _cpu_build(source: Path, root: Path, tools: tuple[str, ...]) -> Path:
+    """`mi50ctl build-llama --backend cpu` of `tools` into `root` (cached); its bin directory."""
+    args = [arg for tool in tools for arg in ("--tool", tool)]
+    argv = [MI50CTL, "build-llama", "--backend", "cpu", *args,
+            "--source", str(source), "--root", str(root)]
     done = subprocess.run(argv, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         pytest.fail(f"{' '.join(argv)} failed (exit {done.returncode}):\n"
                     f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
-    return root / "current" / "bin" / "llama-server"
+    return root / "current" / "bin"
+
+
+@pytest.fixture(scope="session")
+def rpc_bin(llama_source: Path) -> Path:
+    """The cpu build with llama.cpp's RPC server (GGML_RPC=ON): its llama-server takes --rpc and
+    its ggml-rpc-server is the worker; a build of its own (see mi50d.llama.demo.RPC_TOOLS)."""
+    return _cpu_build(llama_source, llamasrc.build_root(flavour="rpc"), demo.RPC_TOOLS)
+
+
+@pytest.fixture(scope="session")
+def llama_server(llama_source: Path) -> Path:
+    return _cpu_build(llama_source, llamasrc.build_root(), demo.TOOLS) / "llama-server"
 
 
 @pytest.fixture(scope="session")

@@ -51,7 +51,8 @@ def test_cpu_build_serves_chat(llama_server: Path, llama_source: Path, tiny_mode
     assert record["configure"] == [
         "cmake", "-S", str(llama_source), "-B", str(work), "-DCMAKE_BUILD_TYPE=Release",
         "-DGGML_NATIVE=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
-        "-DLLAMA_OPENSSL=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DCMAKE_BUILD_RPATH_USE_ORIGIN=ON"]
+        "-DLLAMA_OPENSSL=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DCMAKE_BUILD_RPATH_USE_ORIGIN=ON",
+        "-DGGML_RPC=OFF"]
     assert record["tools"] == ["llama-server"]
     assert record["version"].startswith("version: ")
 
@@ -109,7 +110,7 @@ def test_hip_plan_for_two_mi50() -> None:
         "-DAMDGPU_TARGETS=gfx906", "-DCMAKE_BUILD_TYPE=Release",
         "-DGGML_CUDA_FA=ON", "-DGGML_CUDA_FA_ALL_QUANTS=OFF", "-DGGML_CUDA_FORCE_MMQ=OFF",
         "-DGGML_CUDA_FORCE_CUBLAS=OFF", "-DGGML_HIP_NO_VMM=ON", "-DGGML_HIP_GRAPHS=ON",
-        "-DCMAKE_BUILD_RPATH_USE_ORIGIN=ON"]
+        "-DCMAKE_BUILD_RPATH_USE_ORIGIN=ON", "-DGGML_RPC=OFF"]
     assert plan.build == ["cmake", "--build", "/var/lib/mi50d/llama/work/hip", "--config",
                           "Release", "-j2", "--target", "llama-server"]
 

@@ -93,9 +93,9 @@ HELLO_FROM = (
     "    print('connected')\n")
 
 
-def test_model_split_over_a_worker_on_another_host(hosts: dict[str, str], llama_server: Path,
+def test_model_split_over_a_worker_on_another_host(hosts: dict[str, str], rpc_bin: Path,
                                                    tiny_model: Path, tmp_path: Path) -> None:
-    rpc_server = llama_server.parent / "ggml-rpc-server"
+    rpc_server, llama_server = rpc_bin / "ggml-rpc-server", rpc_bin / "llama-server"
     w = _daemon(hosts["W"], {"w": {"kind": "rpc-worker", "host": "0.0.0.0", "port": PORT,
                                    "allow": ["10.77.0.1"], "rpc_server": str(rpc_server),
                                    "autostart": True}})

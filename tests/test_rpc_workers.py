@@ -168,8 +168,14 @@ def test_compatible_is_llama_cpps_rule() -> None:
 
 
 @pytest.fixture(scope="module")
-def rpc_server(llama_server: Path) -> Path:
-    return llama_server.parent / "ggml-rpc-server"
+def rpc_server(rpc_bin: Path) -> Path:
+    return rpc_bin / "ggml-rpc-server"
+
+
+@pytest.fixture(scope="module")
+def rpc_llama(rpc_bin: Path) -> Path:
+    """llama-server of the RPC build (it takes --rpc; its sibling tells this build's version)."""
+    return rpc_bin / "llama-server"
 
 
 WORKER_PIDS: dict[int, int] = {}  # port -> pid of the `worker` fixture's ggml-rpc-server
@@ -213,7 +219,8 @@ def test_real_worker_hello_and_busy(worker: int, rpc_server: Path) -> None:
 
 @pytest.mark.llama
 def test_preflight_names_worker_and_both_versions(tmp_path: Path, fake_rpc: FakeRpc,
-                                                  worker: int, llama_server: Path) -> None:
+                                                  worker: int, rpc_llama: Path) -> None:
+    llama_server = rpc_llama
     conf = _load(tmp_path, {"m": {"model": "/m.gguf", "port": 1, "llama_server": str(
         llama_server), "rpc": [f"127.0.0.1:{worker}", f"127.0.0.1:{fake_rpc.port}"]}})
     check = workers_check(conf.instances["m"], conf.daemon)
@@ -229,7 +236,8 @@ def test_preflight_names_worker_and_both_versions(tmp_path: Path, fake_rpc: Fake
 
 @pytest.mark.llama
 def test_unreachable_worker_is_a_transient_preflight_failure(
-        tmp_path: Path, llama_server: Path, tiny_model: Path) -> None:
+        tmp_path: Path, rpc_llama: Path, tiny_model: Path) -> None:
+    llama_server = rpc_llama
     gone = free_port()
     conf = _load(tmp_path, {"m": {"model": str(tiny_model), "port": free_port(),
                                   "n_gpu_layers": 0, "llama_server": str(llama_server),
@@ -260,9 +268,9 @@ def test_worker_preflight(tmp_path: Path, rpc_server: Path) -> None:
 
 
 @pytest.mark.llama
-def test_real_rpc_failures_are_diagnosed(llama_server: Path, tiny_model: Path, worker: int,
-                                         rpc_server: Path) -> None:
+def test_real_rpc_failures_are_diagnosed(rpc_llama: Path, tiny_model: Path, worker: int) -> None:
     import subprocess
+    llama_server = rpc_llama
     base = [str(llama_server), "-m", str(tiny_model), "-ngl", "all", "-c", "256", "-t", "1"]
     gone = free_port()
     done = subprocess.run([*base, "--port", str(free_port()), "--rpc", f"127.0.0.1:{gone}"],
@@ -306,13 +314,14 @@ def _chat(port: int) -> dict[str, Any]:
 
 @pytest.mark.llama
 def test_instance_split_over_a_supervised_worker(request: pytest.FixtureRequest,
-                                                 rpc_server: Path) -> None:
+                                                 rpc_server: Path, rpc_llama: Path) -> None:
     wport, mport = free_port(), free_port()
     instances = {
         "w": {**WORKER, "port": wport, "rpc_server": str(rpc_server), "autostart": True,
               "health": {"interval_s": 0.5, "timeout_s": 1.0},
               "restart": {"delay_s": 0.2, "max_delay_s": 0.5}},
-        "m": server_instance(request, mport, n_gpu_layers="all", rpc=[f"127.0.0.1:{wport}"],
+        "m": server_instance(request, mport, llama_server=str(rpc_llama),
+                             n_gpu_layers="all", rpc=[f"127.0.0.1:{wport}"],
                              autostart=True, health={"interval_s": 0.5, "timeout_s": 1.0,
                                                      "failures": 2},
                              restart={"delay_s": 0.2, "max_delay_s": 0.5, "burst": 50}),

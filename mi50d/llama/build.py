@@ -163,8 +163,10 @@ def plan_build(source: Path, root: Path, backend: Backend, tools: Sequence[str],
                       "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_OPENSSL=OFF",
                       "-DLLAMA_USE_PREBUILT_UI=OFF"]
     configure.append("-DCMAKE_BUILD_RPATH_USE_ORIGIN=ON")
-    if any(t in TOOL_TARGETS["rpc-server"] for t in tools):
-        configure.append("-DGGML_RPC=ON")
+    # Always explicit: cmake keeps an option from an earlier configure of the same work tree, so
+    # a build without the RPC server after one with it would still link the RPC backend.
+    rpc = any(t in TOOL_TARGETS["rpc-server"] for t in tools)
+    configure.append(f"-DGGML_RPC={'ON' if rpc else 'OFF'}")
     if generator is not None:
         configure += ["-G", generator]
     build = ["cmake", "--build", str(work), "--config", "Release", f"-j{jobs}",

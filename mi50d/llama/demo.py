@@ -19,9 +19,12 @@ from mi50d.llama import source as llamasrc
 
 PORT = 8090
 INSTANCE = "tiny"
-# The cpu build that the demo and the tests use: llama-server, and llama.cpp's RPC worker (which
-# also builds llama-server with GGML_RPC, so that it takes --rpc).
-TOOLS = ("llama-server", "rpc-server")
+# The cpu build that the demo and most tests use: llama-server alone. A build with llama.cpp's
+# RPC worker (GGML_RPC=ON) is another build, for the RPC tests: with the RPC backend compiled in,
+# llama-server no longer warns that it ignores GPU offload ("no usable GPU found"), which is how a
+# CPU build's silent fallback is recognised.
+TOOLS = ("llama-server",)
+RPC_TOOLS = ("llama-server", "rpc-server")
 
 
 def socket_path() -> Path:
@@ -65,10 +68,25 @@ def prepare(cache: Path | None = None, output: IO[str] | None = None) -> Path:
     return write_config(cache / "demo", plan.root / "current" / "bin" / "llama-server", model)
 
 
+def prepare_rpc(cache: Path | None = None, output: IO[str] | None = None) -> Path:
+    """The cpu build with llama.cpp's RPC server (RPC_TOOLS), in a build root of its own; its
+    bin directory. The tests' RPC part uses it; scripts/test.sh prepares it before pytest."""
+    cache = cache or llamasrc.cache_root()
+    source = llamasrc.ensure_source(cache=cache)
+    env = dict(os.environ)
+    plan = build.plan_build(source, llamasrc.build_root(cache=cache, flavour="rpc"), "cpu",
+                            build.select_tools(source, RPC_TOOLS),
+                            jobs=len(os.sched_getaffinity(0)),
+                            generator=build.check_programs("cpu", env))
+    build.build(plan, env, output=output)
+    return plan.root / "current" / "bin"
+
+
 def main() -> None:
-    """The demo script's edge: errors become one line and exit status 1."""
+    """The demo script's edge: errors become one line and exit status 1. `--rpc` prepares the
+    RPC build instead and prints its bin directory."""
     try:
-        directory = prepare(output=sys.stderr)
+        directory = (prepare_rpc if sys.argv[1:] == ["--rpc"] else prepare)(output=sys.stderr)
     except (build.BuildError, llamasrc.SourceError, OSError, ValueError) as exc:
         sys.stderr.write(f"demo: {exc}\n")
         raise SystemExit(1) from None

@@ -40,9 +40,10 @@ def source_dir(version: str = VERSION, cache: Path | None = None) -> Path:
     return unpacked_dir(version, cache) / "llama.cpp"
 
 
-def build_root(version: str = VERSION, cache: Path | None = None) -> Path:
-    """The build root (see mi50d.llama.build) the tests and the demo share for this source version."""
-    return (cache or cache_root()) / f"llama-{version}"
+def build_root(version: str = VERSION, cache: Path | None = None, flavour: str = "") -> Path:
+    """The build root (see mi50d.llama.build) the tests and the demo share for this source version;
+    `flavour` names another build of the same source (the RPC tests' "rpc")."""
+    return (cache or cache_root()) / f"llama-{flavour + '-' if flavour else ''}{version}"
 
 
 def _missing_build_requirements() -> list[str]:

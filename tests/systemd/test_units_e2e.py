@@ -278,16 +278,18 @@ CONNECT_FROM = (  # run in the container's network namespace with the host's pyt
 WORKER_PORT = 18090
 
 
-def test_7b_rpc_worker_unit_lets_only_allowed_clients_in(m: Machine) -> None:
+def test_7b_rpc_worker_unit_lets_only_allowed_clients_in(m: Machine, rpc_bin: Path) -> None:
     """`allow` on a worker unit is the kernel's: IPAddressAllow= with IPAddressDeny=any. Three
     addresses of the container: the worker's own, one in allow, one not."""
+    shutil.copytree(rpc_bin, m.host_dir / "rpc-bin", symlinks=True, dirs_exist_ok=True)
+    rpc_server = f"{HOST_DIR_IN_CONTAINER}/rpc-bin/ggml-rpc-server"
     net = ["nsenter", "-t", str(m.init_pid), "-n", "--"]
     subprocess.run([*net, "ip", "link", "add", "e2e0", "type", "dummy"], check=True)
     for address in ("10.99.0.5", "10.99.0.6", "10.99.0.7"):
         subprocess.run([*net, "ip", "addr", "add", f"{address}/24", "dev", "e2e0"], check=True)
     subprocess.run([*net, "ip", "link", "set", "e2e0", "up"], check=True)
     m.write("/etc/mi50d/w.toml", f'kind = "rpc-worker"\nhost = "10.99.0.5"\n'
-            f'port = {WORKER_PORT}\nallow = ["10.99.0.7"]\n')
+            f'port = {WORKER_PORT}\nallow = ["10.99.0.7"]\nrpc_server = "{rpc_server}"\n')
     try:
         m.run("systemctl", "restart", "mi50d.service", timeout=120)
         ctl(m, "start", "w")
