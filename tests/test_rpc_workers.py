@@ -372,3 +372,19 @@ def _chat_fails(port: int) -> bool:
 
 def test_daemon_defaults_name_the_cache_dir() -> None:
     assert DaemonConfig().cache_dir == Path("/var/lib/mi50d/cache")
+
+
+def test_metrics_and_gateway_leave_workers_out(tmp_path: Path) -> None:
+    """A worker speaks RPC, not HTTP: mi50d never scrapes its /metrics (an HTTP request would
+    take the worker's one client slot) and the gateway neither lists nor routes to it."""
+    from mi50d.control.protocol import InstanceStatus
+    from mi50d.gateway import routing
+    from mi50d.metrics.exporter import upstream_targets
+    from mi50d.metrics.instances import InstanceView
+    conf = _load(tmp_path, {"w": dict(WORKER), "m": {"model": "/m.gguf", "port": 8080}})
+    views = [InstanceView(InstanceStatus(
+        name=name, state="running", reason="", host="127.0.0.1", port=inst.port,
+        endpoint=inst.endpoint(), autostart=False, since=0.0), inst)
+        for name, inst in conf.instances.items()]
+    assert [t.instance for t in upstream_targets(views)] == ["m"]
+    assert routing.names(conf.instances) == {"m": "m"}

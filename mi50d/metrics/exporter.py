@@ -69,7 +69,8 @@ class Exporter:
 def upstream_targets(views: Sequence[InstanceView]) -> list[Target]:
     """The instances whose own /metrics are read: running (or unhealthy), `metrics = true`."""
     return [Target(v.status.name, f"{v.config.endpoint()}/metrics", v.config.api_key_file)
-            for v in views if v.config.metrics and v.status.state in SCRAPED_STATES]
+            for v in views if v.config.metrics and not v.config.is_worker
+            and v.status.state in SCRAPED_STATES]
 
 
 class _Scrape:
