@@ -284,10 +284,14 @@ def test_7b_rpc_worker_unit_lets_only_allowed_clients_in(m: Machine, rpc_bin: Pa
     shutil.copytree(rpc_bin, m.host_dir / "rpc-bin", symlinks=True, dirs_exist_ok=True)
     rpc_server = f"{HOST_DIR_IN_CONTAINER}/rpc-bin/ggml-rpc-server"
     net = ["nsenter", "-t", str(m.init_pid), "-n", "--"]
-    subprocess.run([*net, "ip", "link", "add", "e2e0", "type", "dummy"], check=True)
+    # A veth pair (kernels without the dummy module have veth): addresses on one end are the
+    # container's own, reached over its loopback.
+    subprocess.run([*net, "ip", "link", "add", "e2e0", "type", "veth", "peer", "name", "e2e1"],
+                   check=True)
     for address in ("10.99.0.5", "10.99.0.6", "10.99.0.7"):
         subprocess.run([*net, "ip", "addr", "add", f"{address}/24", "dev", "e2e0"], check=True)
-    subprocess.run([*net, "ip", "link", "set", "e2e0", "up"], check=True)
+    for link in ("e2e0", "e2e1"):
+        subprocess.run([*net, "ip", "link", "set", link, "up"], check=True)
     m.write("/etc/mi50d/w.toml", f'kind = "rpc-worker"\nhost = "10.99.0.5"\n'
             f'port = {WORKER_PORT}\nallow = ["10.99.0.7"]\nrpc_server = "{rpc_server}"\n')
     try:
