@@ -102,7 +102,7 @@ def test_distribution_layout(tmp_path: Path) -> None:
         "cmake", "-S", "/src/llama.cpp", "-B", "/var/lib/mi50d/llama/work/hip", "-DGGML_HIP=ON",
         "-DAMDGPU_TARGETS=gfx906", "-DCMAKE_BUILD_TYPE=Release", f"-Dhip_DIR={cmake}/hip",
         f"-Dhipblas_DIR={cmake}/hipblas", f"-Drocblas_DIR={cmake}/rocblas", *HIP_DEFINES,
-        "-DCMAKE_BUILD_RPATH_USE_ORIGIN=ON"]
+        "-DCMAKE_BUILD_RPATH_USE_ORIGIN=ON", "-DGGML_RPC=OFF"]
     assert plan.notes[0] == (
         f"ROCm 7.2.53211-9999 at {usr} (the distribution's packages, ROCm in {usr}); "
         f"compiler {usr}/lib/llvm-22/bin/clang ({CLANG_DEBIAN})")
