@@ -81,6 +81,12 @@ def _rpc_endpoint(value: str) -> str:
     return value
 
 
+def rpc_host_port(endpoint: str) -> tuple[str, int]:
+    """A validated RpcEndpoint as (host, port)."""
+    host, _, port = endpoint.partition(":")
+    return host, int(port)
+
+
 def _allow(value: str) -> str:
     """A client address or network allowed to reach an RPC worker: "10.0.0.1", "10.0.0.0/24",
     "fd00::/64"; written as systemd's IPAddressAllow= takes it."""

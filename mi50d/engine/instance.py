@@ -314,7 +314,7 @@ class Instance:
                 {**os.environ, **(self.account.environment() if self.account else {})}, daemon),
             account=self.account,
             on_line=self._take_line,
-            allow=config.client_networks(),
+            allow=networks,
             writable=tuple(str(d) for d in [config.cache_dir(daemon)] if d is not None),
         )
         self.diagnosis = None

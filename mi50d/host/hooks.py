@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from mi50d.config import DaemonConfig, InstanceConfig
+from mi50d.configtypes import rpc_host_port
 from mi50d.host import diagnose as diag
 from mi50d.host.accounts import Account
 from mi50d.host.checks import Transient
@@ -57,9 +58,8 @@ def unreachable_workers(endpoints: Sequence[str], timeout_s: float = 1.0) -> lis
     """"RPC worker HOST:PORT unreachable (why)" for each of `endpoints` that answers no hello."""
     gone = []
     for endpoint in endpoints:
-        host, _, port = endpoint.partition(":")
         try:
-            hello(host, int(port), timeout_s)
+            hello(*rpc_host_port(endpoint), timeout_s)
         except HelloError as exc:
             gone.append(f"RPC worker {endpoint} unreachable ({exc})")
     return gone

@@ -14,6 +14,7 @@ import socket
 from collections.abc import Mapping
 
 from mi50d.config import DaemonConfig, InstanceConfig, is_loopback, rpc_server_beside
+from mi50d.configtypes import rpc_host_port
 from mi50d.host.checks import Check, fail, ok, warn
 from mi50d.host.firewall import table_name
 from mi50d.host.rpchello import HelloError, Version, binary_version, compatible, hello
@@ -79,9 +80,8 @@ def workers_check(inst: InstanceConfig, daemon: DaemonConfig) -> Check:
             mine = None
     versions: dict[str, str] = {}
     for endpoint in inst.rpc:
-        host, _, port = endpoint.partition(":")
         try:
-            theirs = hello(host, int(port), HELLO_TIMEOUT_S)
+            theirs = hello(*rpc_host_port(endpoint), HELLO_TIMEOUT_S)
         except HelloError as exc:
             return fail("rpc", f"RPC worker {endpoint} unreachable: {exc}",
                         "start it (mi50ctl start on that host) and check that its allow "

@@ -17,6 +17,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from mi50d.configtypes import rpc_host_port
+
 LISTEN = 0x0A
 CLOSE_WAIT = 0x08
 TABLES = ("/proc/net/tcp", "/proc/net/tcp6")
@@ -88,12 +90,12 @@ def socket_inodes(pid: int) -> set[int]:
 
 def resolve(endpoint: str) -> set[tuple[str, int]]:
     """HOST:PORT -> the addresses it may be connected at (a host name can have several)."""
-    host, _, port = endpoint.partition(":")
+    host, port = rpc_host_port(endpoint)
     try:
-        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
-    except (OSError, ValueError):
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError:
         return set()
-    return {(str(ipaddress.ip_address(i[4][0])), int(port)) for i in infos}
+    return {(str(ipaddress.ip_address(i[4][0])), port) for i in infos}
 
 
 def lost_workers(pid: int, endpoints: Mapping[str, set[tuple[str, int]]],
