@@ -7,7 +7,7 @@ Session fixtures for tests that run the real llama-server:
                 builds it before pytest, since a fresh build takes minutes)
   tiny_model    a tiny random-weight llama GGUF (mi50d.llama.tinymodel), cached under
                 ~/.cache/mi50d/models/
-  hip           the gfx906 HIP build in the cached sid root (skipped unless cached or MI50D_TEST_HIP=1)
+  hip           the gfx906 HIP build in the cached sid root (skipped with MI50D_TEST_HIP=0)
 Helpers: free_port(), short_dir().
 """
 
@@ -82,7 +82,7 @@ def tiny_model(llama_source: Path) -> Path:
 @pytest.fixture(scope="session")
 def hip(llama_source: Path) -> HipBuild:
     """The HIP build for gfx906, made by the real `mi50ctl build-llama` in the cached Debian sid
-    root with ROCm (tests/systemd/hip_build.py); skipped unless it is cached or MI50D_TEST_HIP=1."""
+    root with ROCm (tests/systemd/hip_build.py); skipped with MI50D_TEST_HIP=0 or without root."""
     from tests.systemd import hip_build  # debootstrap helpers: only where a test asks for it
 
     reason = hip_build.skip_reason(llama_source)

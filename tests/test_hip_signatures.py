@@ -3,7 +3,7 @@ that produced them) and what only a GPU can produce (marked RECORDED, copied fro
 
 The fixtures are tests/fixtures/rocm-signatures/*.txt (format: tests/systemd/rocm_signatures.py).
 Every fixture must diagnose to the codes its header expects. When the HIP build is at hand
-(MI50D_TEST_HIP=1, or a cached build; see tests/test_hip_build.py), every REAL case is run again
+(by default; MI50D_TEST_HIP=0 turns it off; see tests/test_hip_build.py), every REAL case is run again
 in the sid ROCm root and must print the same signature lines; `scripts/record-rocm-signatures.py`
 rewrites the REAL fixtures from such a run.
 """
