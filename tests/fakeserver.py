@@ -15,6 +15,8 @@ FAKE_HUGE_STATUS   once ready, answer with a status line this many bytes long (n
 FAKE_STALL_AFTER_S seconds after ready to answer "200 OK" headers and then never the body
 FAKE_JUNK_BYTES    print this many bytes without a newline first (then a newline)
 FAKE_PRINT_LINES   print this many numbered lines of 1000 bytes first
+FAKE_SET_COOKIE    once ready, every answer sets this cookie and its body says which Cookie
+                   header the request carried ({"status":"ok","cookie":"..."})
 """
 
 from __future__ import annotations
@@ -32,11 +34,18 @@ def _arg(flag: str, default: str) -> str:
     return argv[argv.index(flag) + 1] if flag in argv else default
 
 
-def _answer(conn: socket.socket, status: str, body: str) -> None:
-    data = body.encode()
-    head = f"HTTP/1.1 {status}\r\nContent-Length: {len(data)}\r\nConnection: close\r\n\r\n"
+def _answer(conn: socket.socket, status: str, body: str, cookie: str | None = None) -> None:
+    extra = "" if cookie is None else \
+        f"Set-Cookie: {cookie}\r\nContent-Type: application/json\r\n"
     try:
-        conn.recv(4096)
+        request = conn.recv(65536).decode("latin-1")
+        if cookie is not None:
+            sent = [line.split(":", 1)[1].strip() for line in request.split("\r\n")
+                    if line.lower().startswith("cookie:")]
+            body = '{"status":"ok","cookie":"%s"}' % (sent[0] if sent else "")
+        data = body.encode()
+        head = (f"HTTP/1.1 {status}\r\nContent-Length: {len(data)}\r\n{extra}"
+                "Connection: close\r\n\r\n")
         conn.sendall(head.encode() + data)
     except OSError:
         pass
@@ -114,7 +123,7 @@ def main() -> None:
         elif ready_at and "FAKE_HUGE_STATUS" in env:
             _answer(conn, "200 " + "x" * int(env["FAKE_HUGE_STATUS"]), "")
         elif ready_at:
-            _answer(conn, "200 OK", '{"status":"ok"}')
+            _answer(conn, "200 OK", '{"status":"ok"}', env.get("FAKE_SET_COOKIE"))
         else:
             elapsed = time.monotonic() - start
             _answer(conn, "503 Service Unavailable",

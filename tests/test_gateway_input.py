@@ -12,8 +12,9 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from yarl import URL
 
-from tests.ctlsupport import server_instance
+from tests.ctlsupport import fake_instance, server_instance
 from tests.gatewaysupport import gateway_on
 from tests.support import free_port, write_config
 
@@ -102,3 +103,25 @@ async def test_a_vision_sized_body_passes_the_default_limit(
         status, doc = await call(s, "POST", f"{gw.url}/detokenize", data=io.BytesIO(body),
                                  headers={"Content-Type": "application/json"})
         assert status == 200 and doc == {"content": ""}
+
+
+@pytest.mark.asyncio
+async def test_a_cookie_an_answer_sets_goes_to_that_client_only(tmp_path: Path) -> None:
+    """The gateway's one upstream session must keep no cookies: a Set-Cookie in one client's
+    answer reaches that client and never rides along with another client's request."""
+    gport = free_port()
+    cfg = write_config(tmp_path, {"preflight": False, "gateway": {"listen": f"127.0.0.1:{gport}"}},
+                       {"a": fake_instance(free_port(), autostart=True, host="localhost",
+                                           env={"FAKE_SET_COOKIE": "sid=first-client"})})
+    async with gateway_on(cfg) as (_, rec, gw):
+        await rec.wait("a", "running")
+        # An upstream reached by name (a jar ignores cookies of bare IP addresses).
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as first:
+            status, doc = await call(first, "POST", f"{gw.url}/v1/completions", json={"model": "a"})
+            assert status == 200 and doc["cookie"] == ""
+            jar = first.cookie_jar.filter_cookies(URL(f"{gw.url}/v1/completions"))
+            assert jar["sid"].value == "first-client"
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as second:
+            status, doc = await call(second, "POST", f"{gw.url}/v1/completions",
+                                     json={"model": "a"})
+            assert status == 200 and doc["cookie"] == ""  # nothing of the first client's

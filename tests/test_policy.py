@@ -84,3 +84,21 @@ def test_every_state_has_a_row_and_failed_needs_a_user() -> None:
         check_transition(State.STOPPED, State.RUNNING)
     with pytest.raises(TransitionError):
         check_transition(State.BACKOFF, State.RUNNING)
+
+
+@pytest.mark.parametrize("policy", ["never", "on-failure", "always"])
+def test_a_stop_through_systemd_is_never_undone(policy: str) -> None:
+    h = History(ends=(0.0,), streak=1)
+    d = decide(RestartConfig.model_validate({"policy": policy}), Outcome.STOPPED_BY_SYSTEMD, h, now=1.0)
+    assert d.delay_s is None
+    assert "stopped through systemd" in d.reason
+    assert d.history == h  # a user's word, not an end: no streak, no burst
+
+
+@pytest.mark.parametrize("policy", ["never", "on-failure", "always"])
+def test_a_restart_through_systemd_is_followed_at_once_and_not_counted(policy: str) -> None:
+    h = History(ends=(0.0, 1.0, 2.0, 3.0, 4.0), streak=5)  # one more crash would give up
+    conf = RestartConfig.model_validate({"policy": policy, "burst": 5})
+    d = decide(conf, Outcome.RESTARTED_BY_SYSTEMD, h, now=5.0)
+    assert d.delay_s == 0.0
+    assert d.history == h

@@ -150,6 +150,8 @@ def test_model_split_over_a_worker_on_another_host(hosts: dict[str, str], rpc_bi
                     json.dumps({"messages": [{"role": "user", "content": "hi"}],
                                 "max_tokens": 4}))
         assert again.returncode == 0, again.stderr
+        assert w.ctl("stop", "w").returncode == 0  # a stopped worker leaves no filter behind
+        assert _in(hosts["W"], "nft", "list", "table", "inet", "mi50d_w").returncode != 0
     finally:
         if m is not None:
             m.close()

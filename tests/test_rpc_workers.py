@@ -261,7 +261,9 @@ def test_worker_preflight(tmp_path: Path, rpc_server: Path) -> None:
                                        "nftables table inet mi50d_open (others get a TCP reset)")
     under_units = {c.name: c for c in run_preflight(conf.instances["open"], conf.daemon, None,
                                                     units=True)}
-    assert not under_units["allow"].failed
+    assert under_units["allow"].message == (
+        "clients limited to 10.0.0.1/32 and loopback by nftables table inet mi50d_open, "
+        "installed by its unit (and IPAddressAllow=, where systemd can attach cgroup BPF)")
     with socket.create_server(("127.0.0.1", port)):  # the port in use: a clear failure
         taken = {c.name: c for c in run_preflight(conf.instances["w"], conf.daemon, None)}
     assert taken["port"].failed and "in use" in taken["port"].message

@@ -4,6 +4,7 @@ The units themselves are tested under real systemd in tests/systemd/test_units_e
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from mi50d.engine.unitbus import (
     unit_name,
 )
 from mi50d.engine.units import units_wanted
+from mi50d.host import firewall
 from mi50d.host.accounts import Account
 
 ACCOUNT = Account(name="mi50d", uid=990, gid=990, groups=(44, 105, 990), home="/var/lib/mi50d")
@@ -76,6 +78,35 @@ def test_transient_properties_carry_the_launch(binary: str) -> None:
     assert props["KillMode"].unpack() == "mixed"
     assert props["TimeoutStopUSec"].unpack() == 3_000_000
     assert digest_of(props["Description"].unpack()) == "d1"
+
+
+def test_a_guarded_unit_runs_its_nft_script_privileged_around_its_run(binary: str) -> None:
+    pre, post = ["/usr/sbin/nft", "table inet mi50d_w {}"], ["/usr/sbin/nft", "delete table x"]
+    props = dict(transient_properties("w", "d1", [binary], {}, ACCOUNT, "/", 3.0,
+                                      allow=["10.0.0.0/24"], guard=(pre, post)))
+    assert props["ExecStartPreEx"].unpack() == [(pre[0], pre, ["privileged", "no-env-expand"])]
+    assert props["ExecStopPostEx"].unpack() == [
+        (post[0], post, ["privileged", "no-env-expand", "ignore-failure"])]
+    assert props["IPAddressAllow"].unpack() == [(2, [10, 0, 0, 0], 24)]
+    plain = dict(transient_properties("w", "d1", [binary], {}, ACCOUNT, "/", 3.0))
+    assert "ExecStartPreEx" not in plain and "IPAddressAllow" not in plain
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or firewall.nft_path() is None, reason="needs root and nft")
+def test_the_units_nft_commands_install_and_remove_the_table() -> None:
+    """What the unit runs, run here: nft takes the whole script as one argument."""
+    commands = firewall.unit_commands("unitbus_t", 50999, ["10.9.0.0/24", "fd09::/64"])
+    assert commands is not None
+    pre, post = commands
+    assert subprocess.run(pre, check=False).returncode == 0
+    listed = subprocess.run(["nft", "list", "table", "inet", "mi50d_unitbus_t"], check=True,
+                            capture_output=True, text=True).stdout
+    assert "tcp dport 50999 ip saddr 10.9.0.0/24 accept" in listed
+    assert "tcp dport 50999 reject with tcp reset" in listed
+    assert subprocess.run(post, check=False).returncode == 0
+    gone = subprocess.run(["nft", "list", "table", "inet", "mi50d_unitbus_t"], check=False,
+                          capture_output=True)
+    assert gone.returncode != 0
 
 
 def test_mode_follows_systemd_and_the_override(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -36,6 +36,7 @@ from mi50d.engine.run import (
     one_line,
 )
 from mi50d.engine.states import ALIVE, Outcome, State, check_transition
+from mi50d.engine.unitbus import unit_name
 from mi50d.engine.units import UnitChild
 from mi50d.host import firewall
 from mi50d.host.accounts import Account
@@ -256,10 +257,14 @@ class Instance:
                                  time.monotonic(), ended.healthy_for_s)
         self.history = decision.history
         if decision.delay_s is None:
-            final = State.STOPPED if ended.outcome is Outcome.CLEAN else State.FAILED
+            final = State.STOPPED if ended.outcome in (Outcome.CLEAN, Outcome.STOPPED_BY_SYSTEMD) \
+                else State.FAILED
             self._give_up(final, f"{ended.detail}; {decision.reason}")
             return
         self.set_state(State.BACKOFF, f"{ended.detail}; {decision.reason}")
+        if ended.outcome is Outcome.RESTARTED_BY_SYSTEMD:
+            self.adopting = True  # the unit's new process: adopted, as after a restart of mi50d
+            return
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(decision.delay_s):
                 await self._interrupt.wait()
@@ -302,12 +307,20 @@ class Instance:
                 outcome = Outcome.START_FAILED if isinstance(problem, Transient) else Outcome.FATAL
                 return Ended(outcome, f"preflight failed: {problem}")
         networks = config.client_networks()
-        if networks and self.hooks.spawn is None:  # a unit gets IPAddressAllow= instead
+        guard = None
+        if networks and self.hooks.spawn is None:  # a direct child: mi50d installs the table
             try:
                 await asyncio.to_thread(firewall.install, config.name, config.port, networks)
             except firewall.FirewallError as exc:
                 self.diagnosis = f"allow: {exc}"
                 return Ended(Outcome.FATAL, self.diagnosis)
+        elif networks:  # a unit: the unit installs it (privileged ExecStartPre=)
+            commands = firewall.unit_commands(config.name, config.port, networks)
+            if commands is None:
+                self.diagnosis = ("allow: nft not found, so nothing would enforce allow; "
+                                  "install nftables (apt-get install nftables)")
+                return Ended(Outcome.FATAL, self.diagnosis)
+            guard = (tuple(commands[0]), tuple(commands[1]))
         spec = SpawnSpec(
             argv=config.argv(daemon),
             env=config.environment(
@@ -315,6 +328,7 @@ class Instance:
             account=self.account,
             on_line=self._take_line,
             allow=networks,
+            guard=guard,
             writable=tuple(str(d) for d in [config.cache_dir(daemon)] if d is not None),
         )
         self.diagnosis = None
@@ -344,6 +358,8 @@ class Instance:
             self.pid = None
             self._running_since = None
             self._since_hint = None
+            if networks and self.hooks.spawn is None:  # the direct child is gone: its table too
+                await asyncio.to_thread(firewall.remove, config.name)
 
     async def _watch(self, child: Child | UnitChild) -> Ended | None:
         pump = asyncio.create_task(child.pump_output())
@@ -363,7 +379,7 @@ class Instance:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(1.0):  # the rest of its output
                         await pump
-                return await self._exit_outcome(status, healthy_for)
+                return await self._exit_outcome(status, healthy_for, child.ended_by)
             outcome, detail = health.result()  # raises what the probe could not handle
             status = await child.kill()
             self.last_exit = describe_status(status)
@@ -373,8 +389,16 @@ class Instance:
                 task.cancel()
             await asyncio.gather(pump, exited, health, stop, return_exceptions=True)
 
-    async def _exit_outcome(self, status: int, healthy_for: float) -> Ended:
+    async def _exit_outcome(self, status: int, healthy_for: float, ended_by: str | None) -> Ended:
         self.last_exit = describe_status(status)
+        if ended_by == "stop":
+            return Ended(Outcome.STOPPED_BY_SYSTEMD,
+                         f"stopped through systemd (systemctl stop {unit_name(self.name)}); "
+                         f"mi50ctl start {self.name} starts it again", healthy_for)
+        if ended_by == "restart":
+            return Ended(Outcome.RESTARTED_BY_SYSTEMD,
+                         f"restarted through systemd (systemctl restart {unit_name(self.name)})",
+                         healthy_for)
         if self.state is State.STARTING:
             return await self._failure(Outcome.START_FAILED,
                                        f"exited during start ({self.last_exit})", healthy_for)

@@ -2,6 +2,9 @@
 
 - `never` never restarts; `on-failure` restarts after crashes, hangs and failed starts but not
   after a clean exit; `always` restarts after every end that a user did not ask for.
+- A unit stopped or restarted through systemd (`systemctl stop|restart mi50d@NAME`) is a user's
+  word, not an end: stopped stays stopped, restarted is taken up again at once, and neither
+  counts towards the streak or the burst.
 - An outcome of FATAL (preflight failed, port taken) is never retried: retrying cannot help.
 - The delay doubles from `delay_s` up to `max_delay_s` with each end in a row; a run that stayed
   healthy for at least `max_delay_s` (and at least STABLE_FLOOR_S) resets the streak.
@@ -56,6 +59,10 @@ def decide(
     healthy_for_s: float = 0.0,
 ) -> Decision:
     """Record an end at `now` and say whether, and after how long, to start again."""
+    if outcome is Outcome.STOPPED_BY_SYSTEMD:
+        return Decision(None, "not restarted: stopped through systemd", history)
+    if outcome is Outcome.RESTARTED_BY_SYSTEMD:
+        return Decision(0.0, "restarted through systemd: following its new process", history)
     streak = 1 if is_stable(healthy_for_s, policy) else history.streak + 1
     ends = (*recent(history.ends, now, policy.interval_s), now)
     updated = History(ends=ends, streak=streak)

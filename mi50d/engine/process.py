@@ -42,6 +42,9 @@ class SpawnSpec:
     # IPAddressDeny=any; empty: no restriction), and directories it may write.
     allow: tuple[str, ...] = ()
     writable: tuple[str, ...] = ()
+    # Under systemd only: argv run as root before the start and after the stop (an rpc-worker's
+    # nftables table, which enforces allow where cgroup BPF cannot).
+    guard: tuple[tuple[str, ...], tuple[str, ...]] | None = None
 
 
 def _child_setup(account: Account | None, parent: int) -> Callable[[], None]:
@@ -95,6 +98,7 @@ class Child:
         self._on_line = on_line
         self.pid = proc.pid  # also the process group's id (a session of its own)
         self.returncode: int | None = None
+        self.ended_by: str | None = None  # a direct child has no systemd job to end it
 
     async def pump_output(self) -> None:
         """Forward output lines until EOF (the child and every holder of its stdout ended).

@@ -37,6 +37,10 @@ class Outcome(StrEnum):
     HANG = "hang"  # health probes failed `failures` times in a row; we killed it
     START_FAILED = "start_failed"  # exited or timed out before the first 200
     FATAL = "fatal"  # cannot succeed by retrying: preflight failed, port taken, binary missing
+    # An instance unit stopped or restarted by systemd on a user's word (`systemctl stop` or
+    # `restart mi50d@NAME`), not by mi50d: the user's word stands, no restart policy applies.
+    STOPPED_BY_SYSTEMD = "stopped_by_systemd"
+    RESTARTED_BY_SYSTEMD = "restarted_by_systemd"
 
 
 _ENDED = {State.BACKOFF, State.FAILED, State.STOPPED, State.STOPPING}

@@ -253,7 +253,8 @@ class Supervisor:
         return process_vram(inst.daemon.host.sysfs_root, inst.pid) or dict(inst.logged_vram)
 
     def _line(self, inst: Instance, line: str) -> None:
-        log.info("[%s] %s", inst.name, line)
+        if self.spawner is None:  # a unit's output is in the journal under the unit already
+            log.info("[%s] %s", inst.name, line)
         self.events.publish({"event": "line", "name": inst.name, "line": line})
 
 

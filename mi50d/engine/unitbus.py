@@ -25,6 +25,7 @@ SYSTEMD_PATH = "/org/freedesktop/systemd1"
 UNIT_IFACE = "org.freedesktop.systemd1.Unit"
 SERVICE_IFACE = "org.freedesktop.systemd1.Service"
 PROPS_IFACE = "org.freedesktop.DBus.Properties"
+JOB_IFACE = "org.freedesktop.systemd1.Job"
 UNIT_PREFIX = "mi50d@"
 UNIT_SUFFIX = ".service"
 DAEMON_UNIT = "mi50d.service"
@@ -107,6 +108,7 @@ class UnitState:
     exit_status: int
     invocation: str
     result: str
+    job: str = ""  # the type of the job systemd runs on the unit now ("start", ...), or ""
 
 
 def _pydbus() -> Any:
@@ -126,9 +128,13 @@ def _variant(signature: str, value: object) -> Any:
 def transient_properties(instance: str, digest: str, argv: Sequence[str],
                          env: Mapping[str, str], account: Account | None, cwd: str,
                          stop_timeout_s: float, allow: Sequence[str] = (),
-                         writable: Sequence[str] = ()) -> list[tuple[str, Any]]:
+                         writable: Sequence[str] = (),
+                         guard: tuple[Sequence[str], Sequence[str]] | None = None
+                         ) -> list[tuple[str, Any]]:
     """The unit: llama-server as the instance's account, in the journal, sandboxed as mi50d.service
-    itself is (README, "Instances as systemd units", lists what differs and why)."""
+    itself is (README, "Instances as systemd units", lists what differs and why). `guard`: the
+    argv run with full privileges before the start and after the stop (an rpc-worker's
+    nftables table, `host.firewall.unit_commands`)."""
     v = _variant
     props: list[tuple[str, Any]] = [
         ("Description", v("s", description(instance, digest))),
@@ -182,6 +188,13 @@ def transient_properties(instance: str, digest: str, argv: Sequence[str],
     paths = [f"-{account.home}"] if account is not None and account.home not in ("", "/") else []
     if paths or writable:  # ROCm's and HIP's caches live under HOME; an RPC worker's cache
         props.append(("ReadWritePaths", v("as", [*paths, *writable])))
+    if guard is not None:  # "+" in a unit file: root, outside the sandbox; no $ expansion
+        pre, post = guard
+        props += [("ExecStartPreEx", v("a(sasas)", [(pre[0], list(pre),
+                                                      ["privileged", "no-env-expand"])])),
+                  ("ExecStopPostEx", v("a(sasas)", [(post[0], list(post),
+                                                     ["privileged", "no-env-expand",
+                                                      "ignore-failure"])]))]
     if allow:
         props += [("IPAddressAllow", v("a(iayu)", [ip_prefix(a) for a in allow])),
                   ("IPAddressDeny", v("a(iayu)", [(socket.AF_INET, [0] * 4, 0),
@@ -225,7 +238,17 @@ class Manager:
             exited_usec=int(s["ExecMainExitTimestampMonotonic"]),
             exit_code=int(s["ExecMainCode"]), exit_status=int(s["ExecMainStatus"]),
             invocation=bytes(u["InvocationID"]).hex(), result=str(s["Result"]),
+            job=self._job_type(u["Job"]),
         )
+
+    def _job_type(self, job: Any) -> str:
+        job_id, path = job
+        if not job_id:
+            return ""
+        try:
+            return str(self._bus.get(SYSTEMD, path, timeout=CALL_TIMEOUT_S)[JOB_IFACE].JobType)
+        except Exception:  # the job ended meanwhile
+            return ""
 
     def instance_units(self) -> list[str]:
         """Every loaded `mi50d@*.service`, whatever its state."""

@@ -11,7 +11,11 @@ mi50d: a restart of mi50d (or its `kill -9`) adopts it again.
   counted from its own start, its output read back from the journal. When it runs with another
   launch (the configuration changed while mi50d was down), it is stopped and started anew.
 - Exit: a pidfd of the main pid on the event loop (no polling); then the exit status from the
-  unit's ExecMain* properties, which the unit keeps for us (`AddRef`/`Ref`) until read.
+  unit's ExecMain* properties, which the unit keeps for us (`AddRef`/`Ref`) until read, and
+  whether a stop or restart job of systemd's ended it (`systemctl stop mi50d@NAME`: the user's
+  word, which the restart policy must not undo). systemd writes "Stopping ..." to the journal,
+  with the job's type and the unit's invocation id, before it signals the process, so the
+  journal answers this after the exit without a race; a D-Bus signal would need a GLib loop.
 - Output: the journal (python3-systemd's reader), entries of this unit's invocation, through the
   journal's own wake-up file descriptor on the loop.
 - Leaving the context stops the unit (systemd sends SIGTERM to the main process, and after
@@ -28,6 +32,7 @@ import logging
 import os
 import signal
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -46,8 +51,15 @@ log = logging.getLogger("mi50d.engine.units")
 SETTLE_STEP_S = 0.02  # reading systemd's view of a start or an exit it is still recording ...
 SETTLE_TRIES = 250  # ... bounded (5 s): a job's end needs a GLib main loop to be signalled
 CLD_EXITED, CLD_KILLED, CLD_DUMPED = 1, 2, 3
+SETTLING = frozenset({"activating", "deactivating", "reloading"})
 DRAIN_AFTER_EXIT_S = 0.5  # journald may write the last lines a moment after the exit
 REPLAY_LINES = 200  # an adopted instance's earlier output, read back from the journal
+# systemd's catalog id of "Stopping UNIT..." (sd-messages.h SD_MESSAGE_UNIT_STOPPING), logged by
+# pid 1 when a stop or restart job of the unit begins, with JOB_TYPE and INVOCATION_ID.
+UNIT_STOPPING = "de5b426a63be47a7b6ac3eaac82e2f6f"
+STOP_JOBS = ("stop", "restart")
+JOB_LOOKUP_TRIES = 10  # journald may be a moment behind pid 1: 10 x 50 ms after the exits a
+JOB_LOOKUP_STEP_S = 0.05  # stop's SIGTERM produces (exit 0 or SIGTERM), one look after others
 
 
 MODE_VAR = "MI50D_INSTANCES"  # "units" or "children" overrides the choice below
@@ -79,6 +91,8 @@ class UnitChild:
         self._started_s = state.started_usec / 1e6
         self.started_monotonic: float | None = self._started_s or None
         self.returncode: int | None = None
+        self.ended_by: str | None = None  # "stop" or "restart": a job of systemd ended it
+        self._stopped_by_us = False  # mi50d's own stop job is no news
         self._on_line = on_line
         self._exited = asyncio.Event()
         self._status: asyncio.Future[int] | None = None
@@ -101,10 +115,19 @@ class UnitChild:
         """The main process's exit status (negative: the signal), as systemd recorded it."""
         await self._exited.wait()
         if self._status is None:
-            self._status = asyncio.ensure_future(
-                asyncio.to_thread(self._spawner.exit_status, self.unit, self.pid))
+            self._status = asyncio.ensure_future(asyncio.to_thread(self._ended))
         code = await asyncio.shield(self._status)
         self.returncode = code
+        return code
+
+    def _ended(self) -> int:
+        """Blocking: the exit status, and which job of systemd (if any) ended this run."""
+        code = self._spawner.exit_status(self.unit, self.pid, self.invocation)
+        if not self._stopped_by_us:  # a stop's SIGTERM usually ends it; its SIGKILL may
+            tries = JOB_LOOKUP_TRIES if code in (0, -signal.SIGTERM) else 1
+            self.ended_by = stop_job_of(self.unit, self.invocation, tries)
+            if self.ended_by == "stop" and self._spawner.starts_again(self.unit, self.invocation):
+                self.ended_by = "restart"  # `systemctl restart` logs its stop half as a stop
         return code
 
     def signal_group(self, sig: int) -> None:
@@ -117,6 +140,7 @@ class UnitChild:
         if self._spawner.detached:
             log.info("instance_left_running unit=%s pid=%d", self.unit, self.pid)
             return 0
+        self._stopped_by_us = True
         await asyncio.to_thread(self._spawner.manager().stop, self.unit)
         if hurry is not None:
             waits = {asyncio.ensure_future(self._exited.wait()),
@@ -194,6 +218,35 @@ class UnitChild:
         self._on_line(cut(raw[:MAX_LINE_BYTES], max(len(raw) - MAX_LINE_BYTES, 0)))
 
 
+def stop_job_of(unit: str, invocation: str, tries: int = JOB_LOOKUP_TRIES) -> str | None:
+    """Blocking: "stop" or "restart" when systemd began such a job of this run of `unit` (its
+    "Stopping" entry, written by pid 1, for this invocation), else None."""
+    from systemd import journal
+
+    reader = journal.Reader()
+    try:
+        reader.add_match(MESSAGE_ID=UNIT_STOPPING, UNIT=unit, _PID="1")
+        for attempt in range(tries):
+            if attempt:
+                time.sleep(JOB_LOOKUP_STEP_S)
+            reader.seek_tail()
+            for entry in iter(reader.get_previous, {}):
+                if _hex(entry.get("INVOCATION_ID")) != invocation:
+                    continue
+                job = str(entry.get("JOB_TYPE", ""))
+                return job if job in STOP_JOBS else None
+        return None
+    finally:
+        reader.close()
+
+
+def _hex(value: object) -> str:
+    """An id as the journal gives it (a UUID for some fields, text for others) in hex."""
+    if isinstance(value, uuid.UUID):
+        return value.hex
+    return str(value or "").replace("-", "").lower()
+
+
 async def _first(*waits: Any) -> None:
     tasks = [asyncio.ensure_future(w) for w in waits]
     try:
@@ -225,14 +278,30 @@ class UnitSpawner:
         with contextlib.suppress(Exception):
             self.manager().kill(unit, sig)
 
-    def exit_status(self, unit: str, pid: int) -> int:
-        """Blocking: the main process's status once systemd has recorded this pid's exit."""
+    def starts_again(self, unit: str, invocation: str) -> bool:
+        """Blocking, bounded: after a stop job, does systemd start the unit again (the start half
+        of `systemctl restart`: a start job on it, or a new run already)?"""
+        manager = self.manager()
+        for _ in range(SETTLE_TRIES):
+            state = manager.state(unit)
+            if state is None:
+                return False
+            if state.invocation != invocation or state.job in ("start", "restart"):
+                return True
+            if state.active in ("inactive", "failed") and not state.job:
+                return False
+            time.sleep(SETTLE_STEP_S)
+        return False
+
+    def exit_status(self, unit: str, pid: int, invocation: str) -> int:
+        """Blocking: the main process's status once systemd has recorded this pid's exit (0 when
+        the unit already runs again, `systemctl restart`: the old run's status is gone)."""
         manager = self.manager()
         try:
             for _ in range(SETTLE_TRIES):
                 state = manager.state(unit)
-                if state is None:
-                    return 0  # collected already: nothing more to know
+                if state is None or state.invocation != invocation:
+                    return 0  # collected already, or a new run: nothing more to know
                 if state.main_pid != pid and state.exited_usec:
                     return _returncode(state)
                 time.sleep(SETTLE_STEP_S)
@@ -274,6 +343,11 @@ class UnitSpawner:
         one (a different one that runs is stopped first)."""
         m = self.manager()
         state = m.state(unit)
+        for _ in range(SETTLE_TRIES):  # a start or stop in flight (`systemctl restart`): its end
+            if state is None or state.active not in SETTLING:
+                break
+            time.sleep(SETTLE_STEP_S)
+            state = m.state(unit)
         if state is not None and state.active == "active" and state.main_pid:
             if state.digest == digest:
                 m.ref(unit)
@@ -288,7 +362,7 @@ class UnitSpawner:
         try:
             m.start(unit, transient_properties(name, digest, argv, spec.env, spec.account,
                                                spec.cwd, stop_timeout_s, spec.allow,
-                                               spec.writable))
+                                               spec.writable, spec.guard))
         except Exception as exc:
             raise ValueError(f"systemd refused unit {unit}: {_dbus_message(exc)}") from None
         for _ in range(SETTLE_TRIES):

@@ -102,7 +102,8 @@ class OnDemand:
             act.in_flight -= 1
             act.last_used, act.idle_since = time.time(), time.monotonic()
             self._observer.in_flight_changed(conf.model_name, act.in_flight)
-            self._notify()
+            if act.in_flight == 0:  # what the reaper and a waiting eviction look for
+                self._notify()
 
     async def _wait_up(self, conf: InstanceConfig, act: Activity) -> None:
         name, model = conf.name, conf.model_name

@@ -1,15 +1,21 @@
-"""The kernel's enforcement of an rpc-worker's `allow` when it runs as a direct child of mi50d
-(as a systemd unit, IPAddressAllow=/IPAddressDeny=any on the unit does it instead).
+"""The kernel's enforcement of an rpc-worker's `allow`, whether it runs as a direct child of
+mi50d (mi50d runs nft before each start) or as a systemd unit (the unit runs the same nft
+script as a privileged ExecStartPre=, and removes the table in ExecStopPost=; mi50d.service
+itself has no CAP_NET_ADMIN). A unit also gets IPAddressAllow=/IPAddressDeny=any, a second layer
+that only works where systemd can attach cgroup BPF programs: inside a container it often
+cannot, and says so only in its journal, so nftables is what `allow` relies on.
 
 One nftables table per worker, `inet mi50d_<name>`, with an input chain that accepts TCP to the
 worker's port from the allowed networks and rejects every other client with a TCP reset (so a
 client is refused at once, not left to time out). It is replaced whole, atomically, at every
-start (`nft -f` runs a script as one transaction), and it stays while the worker is configured:
-it only filters the worker's own port.
+start (`nft -f` runs a script as one transaction), and removed once the worker's process is
+gone (by mi50d for a direct child, by the unit's ExecStopPost= for a unit); it only filters
+the worker's own port.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import re
 import shutil
@@ -43,8 +49,23 @@ def script(instance: str, port: int, networks: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def nft_path() -> str | None:
+    return shutil.which("nft") or shutil.which("nft", path="/usr/sbin:/sbin")
+
+
+def unit_commands(instance: str, port: int,
+                  networks: Sequence[str]) -> tuple[list[str], list[str]] | None:
+    """(ExecStartPre argv, ExecStopPost argv) that install and remove the table around a
+    unit's run; None without nft. The script goes as one argument (nft reads its arguments as
+    one command buffer, newlines included)."""
+    nft = nft_path()
+    if nft is None:
+        return None
+    return [nft, script(instance, port, networks)], [nft, f"delete table inet {table_name(instance)}"]
+
+
 def install(instance: str, port: int, networks: Sequence[str]) -> None:
-    nft = shutil.which("nft") or shutil.which("nft", path="/usr/sbin:/sbin")
+    nft = nft_path()
     if nft is None:
         raise FirewallError("nft not found, so nothing would enforce allow; install nftables "
                             "(apt-get install nftables), or run mi50d under systemd")
@@ -57,3 +78,14 @@ def install(instance: str, port: int, networks: Sequence[str]) -> None:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1][:200]
         raise FirewallError(f"nft refused the rules for allow (exit {done.returncode}: {last}); "
                             "mi50d must run as root to install them")
+
+
+def remove(instance: str) -> None:
+    """Delete the table once the worker is gone; best effort (a table already gone, or no nft,
+    leaves nothing to do: a port nobody listens on needs no filter)."""
+    nft = nft_path()
+    if nft is None:
+        return
+    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+        subprocess.run([nft, "delete", "table", "inet", table_name(instance)], capture_output=True,
+                       timeout=NFT_TIMEOUT_S, check=False)

@@ -9,14 +9,13 @@ hello, and is killed (`rpchello.binary_version`).
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 from collections.abc import Mapping
 
 from mi50d.config import DaemonConfig, InstanceConfig, is_loopback, rpc_server_beside
 from mi50d.configtypes import rpc_host_port
 from mi50d.host.checks import Check, fail, ok, warn
-from mi50d.host.firewall import table_name
+from mi50d.host.firewall import nft_path, table_name
 from mi50d.host.rpchello import HelloError, Version, binary_version, compatible, hello
 
 VERSION_TIMEOUT_S = 10.0
@@ -47,19 +46,19 @@ def worker_version_check(inst: InstanceConfig, daemon: DaemonConfig) -> Check:
 
 
 def enforcement_check(inst: InstanceConfig, units: bool) -> Check:
-    """How the kernel enforces `allow`: systemd's IPAddressAllow=/IPAddressDeny=any on the
-    worker's unit, or (a direct child) an nftables table that mi50d installs before each start
-    (`host.firewall`), which needs nft and root."""
+    """How the kernel enforces `allow`: an nftables table `inet mi50d_NAME` (`host.firewall`),
+    which mi50d installs before each start of a direct child and a worker's unit installs in a
+    privileged ExecStartPre=; a unit also gets IPAddressAllow=/IPAddressDeny=any."""
     if is_loopback(inst.host):
         return ok("allow", f"listens on {inst.host} only")
     allowed = ", ".join(inst.allow)
-    if units:
-        return ok("allow", f"clients limited to {allowed} and loopback by IPAddressAllow= on "
-                  "its unit (IPAddressDeny=any)")
-    if shutil.which("nft", path=f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin") is None:
+    if nft_path() is None:
         return fail("allow", f"{inst.host} is not loopback and nft is missing, so nothing would "
-                    "enforce allow", "install nftables, run mi50d under systemd, or set "
-                    "host = \"127.0.0.1\"")
+                    "enforce allow", "install nftables, or set host = \"127.0.0.1\"")
+    if units:
+        return ok("allow", f"clients limited to {allowed} and loopback by nftables table inet "
+                  f"{table_name(inst.name)}, installed by its unit (and IPAddressAllow=, where "
+                  "systemd can attach cgroup BPF)")
     if os.geteuid() != 0:
         return fail("allow", f"{inst.host} is not loopback and mi50d is not root, so it cannot "
                     "install the nftables rules that enforce allow", "run mi50d as root (as "

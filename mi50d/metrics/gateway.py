@@ -39,9 +39,13 @@ class GatewayMetrics:
         self.swap_duration = Histogram(
             "mi50d_gateway_swap_duration_seconds", "Time a swap to the model took, until its "
             "instance was running", ["model"], buckets=SWAP_BUCKETS, registry=registry)
+        self._seen: set[str] = set()
 
     def request_started(self, model: str) -> None:
         # The model's series exist from its first request on, so a rate() starts at 0.
+        if model in self._seen:  # labels() costs microseconds: once per model, not per request
+            return
+        self._seen.add(model)
         for family in (self.duration, self.ttft, self.prompt_tokens, self.generated_tokens):
             family.labels(model)
 

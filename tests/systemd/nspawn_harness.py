@@ -47,6 +47,7 @@ ROOT_PACKAGES = (
     "procps",
     "passwd",
     "libgomp1",
+    "nftables",  # enforces an rpc-worker's allow (its unit runs nft)
 )
 # Libraries whose package name carries the soname, so it differs per release.
 SUITE_PACKAGES = {
@@ -109,6 +110,10 @@ class Machine:
              "--volatile=overlay", "--console=read-only", f"--directory={root}",
              # Its own network namespace: instances' ports cannot clash with the host's.
              "--private-network",
+             # bpf() is outside nspawn's default system call filter; without it systemd in the
+             # container cannot attach IPAddressAllow=/IPAddressDeny= and ignores them
+             # (a unit with IPAddressDeny=any reached a loopback server; with it, dropped).
+             "--system-call-filter=bpf",
              f"--bind-ro={host_dir}:{HOST_DIR_IN_CONTAINER}", "--machine=mi50d-e2e"],
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
             start_new_session=True,

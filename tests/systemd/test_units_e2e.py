@@ -12,6 +12,9 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -148,6 +151,7 @@ def test_1_instance_runs_as_its_own_unit(m: Machine) -> None:
     assert "llama-server" in m.run("systemctl", "status", "--no-pager", "mi50d@tiny.service",
                                    check=False).stdout
     assert m.journal("mi50d@tiny.service").strip()  # its output is under its unit
+    assert "[tiny]" not in m.journal("mi50d.service")  # and only there, not again under mi50d
     assert ctl(m, "logs", "tiny", "-n", "5").strip()
     for unit, bound in (("mi50d.service", 3.5), ("mi50d@tiny.service", 3.5)):
         out = m.run("systemd-analyze", "security", "--no-pager", unit, check=False).stdout
@@ -259,6 +263,104 @@ def test_7_stop_all_and_the_one_command_that_stops_everything(m: Machine) -> Non
     m.run("systemctl", "stop", "mi50d.service", "mi50d@*.service", timeout=120)
     assert server_pids(m) == []
     assert active(m) == "inactive"
+
+
+def test_7_systemctl_stop_or_restart_of_one_instance_is_the_users_word(m: Machine) -> None:
+    tiny = running(m, "tiny", TINY_PORT)
+    tiny2 = running(m, "tiny2", TINY2_PORT)
+    restarts = status_of(m, "tiny")["restarts"]
+    # systemd's stop job, not a crash: mi50d's restart policy (always, 0.5 s) must not undo it.
+    m.run("systemctl", "stop", "mi50d@tiny.service", timeout=60)
+    poll("tiny stopped in mi50d's status", lambda: status_of(m, "tiny")["state"] == "stopped")
+    assert "systemctl stop mi50d@tiny.service" in str(status_of(m, "tiny")["reason"])
+    time.sleep(4 * 0.5)  # four restart delays: a restart by policy would have begun by now
+    assert pid_on_port(m, TINY_PORT) is None
+    assert status_of(m, "tiny")["state"] == "stopped"
+    assert active(m, "mi50d@tiny.service") in ("inactive", "unknown")
+    assert pid_on_port(m, TINY2_PORT) == tiny2  # the other instance untouched
+    running(m, "tiny", TINY_PORT)  # mi50ctl start brings it back
+    # systemctl restart: a new process in the same unit, which mi50d follows (no policy restart).
+    before = unit_pid(m, "tiny")
+    m.run("systemctl", "restart", "mi50d@tiny.service", timeout=60)
+    poll("mi50d to follow the restarted unit",
+         lambda: status_of(m, "tiny")["state"] == "running"
+         and status_of(m, "tiny")["pid"] == unit_pid(m, "tiny") != before, timeout=120)
+    poll("the restarted tiny to answer", lambda: healthy(m, TINY_PORT), timeout=120)
+    assert status_of(m, "tiny")["restarts"] == restarts
+    assert tiny not in server_pids(m)
+    # The glob stops them all, and they stay stopped.
+    m.run("systemctl", "stop", "mi50d@*.service", timeout=60)
+    poll("both stopped", lambda: all(status_of(m, n)["state"] == "stopped"
+                                     for n in ("tiny", "tiny2")))
+    time.sleep(4 * 0.5)
+    assert server_pids(m) == []
+    assert active(m) == "active"  # mi50d itself keeps running
+
+
+CONNECT_FROM = (  # run in the container's network namespace with the host's python3
+    "import socket, sys\n"
+    "s = socket.socket()\n"
+    "s.settimeout(3)\n"
+    "s.bind((sys.argv[1], 0))\n"
+    "try:\n"
+    "    s.connect((sys.argv[2], int(sys.argv[3])))\n"
+    "    s.sendall(bytes([14]) + (24).to_bytes(8, 'little') + bytes(24))\n"
+    "    a = b''\n"
+    "    while len(a) < 11:  # the size (8 bytes), then the version; maybe in two sends\n"
+    "        got = s.recv(64)\n"
+    "        if not got:\n"
+    "            break\n"
+    "        a += got\n"
+    "    print('answered', '.'.join(str(b) for b in a[8:11]))\n"
+    "except OSError as exc:\n"
+    "    print(type(exc).__name__)\n")
+WORKER_PORT = 18090
+
+
+def test_7c_rpc_worker_unit_lets_only_allowed_clients_in(m: Machine, rpc_bin: Path) -> None:
+    """`allow` on a worker unit is the kernel's, twice: the unit's privileged ExecStartPre=
+    installs the nftables table (a refused client gets a TCP reset), and IPAddressAllow= with
+    IPAddressDeny=any drops what gets past it (seen once the table is deleted by hand). Three
+    addresses of the container: the worker's own, one in allow, one not."""
+    shutil.copytree(rpc_bin, m.host_dir / "rpc-bin", symlinks=True, dirs_exist_ok=True)
+    rpc_server = f"{HOST_DIR_IN_CONTAINER}/rpc-bin/ggml-rpc-server"
+    net = ["nsenter", "-t", str(m.init_pid), "-n", "--"]
+    # A veth pair (kernels without the dummy module have veth): addresses on one end are the
+    # container's own, reached over its loopback.
+    subprocess.run([*net, "ip", "link", "add", "e2e0", "type", "veth", "peer", "name", "e2e1"],
+                   check=True)
+    for address in ("10.99.0.5", "10.99.0.6", "10.99.0.7"):
+        subprocess.run([*net, "ip", "addr", "add", f"{address}/24", "dev", "e2e0"], check=True)
+    for link in ("e2e0", "e2e1"):
+        subprocess.run([*net, "ip", "link", "set", link, "up"], check=True)
+    m.write("/etc/mi50d/w.toml", f'kind = "rpc-worker"\nhost = "10.99.0.5"\n'
+            f'port = {WORKER_PORT}\nallow = ["10.99.0.7"]\nrpc_server = "{rpc_server}"\n')
+
+    def connect(source: str) -> str:
+        return subprocess.run([*net, sys.executable, "-c", CONNECT_FROM, source,
+                               "10.99.0.5", str(WORKER_PORT)], capture_output=True,
+                              text=True, check=True, timeout=30).stdout.strip()
+
+    try:
+        m.run("systemctl", "reload" if active(m) == "active" else "start", "mi50d.service",
+              timeout=120)
+        ctl(m, "start", "w")
+        poll("the worker to run", lambda: status_of(m, "w")["state"] == "running", timeout=120)
+        assert "10.99.0.7/32" in m.show("mi50d@w.service", "IPAddressAllow")
+        table = m.run("nft", "list", "table", "inet", "mi50d_w").stdout
+        assert f"tcp dport {WORKER_PORT} ip saddr" in table and "10.99.0.7" in table
+        assert connect("10.99.0.7") == "answered 7.0.0"
+        assert connect("10.99.0.6") == "ConnectionRefusedError"  # nftables' TCP reset
+        assert connect("10.99.0.7") == "answered 7.0.0"  # and the worker is fine after it
+        m.run("nft", "delete", "table", "inet", "mi50d_w")
+        assert connect("10.99.0.6") == "TimeoutError"  # the unit's BPF filter dropped the SYN
+        assert connect("10.99.0.7") == "answered 7.0.0"
+        ctl(m, "stop", "w")
+        assert m.run("nft", "list", "table", "inet", "mi50d_w", check=False).returncode != 0
+    finally:
+        ctl(m, "stop", "w", check=False)
+        m.run("rm", "-f", "/etc/mi50d/w.toml")
+        m.run("systemctl", "reload", "mi50d.service", timeout=120, check=False)
 
 
 def test_8_package_removal_stops_instances(m: Machine) -> None:
