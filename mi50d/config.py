@@ -7,7 +7,6 @@ This module owns turning a directory into a `Config` or one `ConfigError`; it ne
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import stat
@@ -39,6 +38,8 @@ from mi50d.configtypes import (
     Seconds,
     Text,
     describe_errors,
+    ip_of,
+    is_loopback,
     shown,
 )
 
@@ -234,8 +235,8 @@ class InstanceConfig(InstanceSettings):
         and its own address (mi50d's health probe comes from there); () for no restriction."""
         if not self.is_worker or is_loopback(self.host):
             return ()
-        own = [self.host] if _is_ip(self.host) and not ipaddress.ip_address(
-            self.host).is_unspecified else []
+        ip = ip_of(self.host)
+        own = [self.host] if ip is not None and not ip.is_unspecified else []
         return tuple(dict.fromkeys([*self.allow, "127.0.0.0/8", "::1/128", *own]))
 
     def cache_dir(self, daemon: DaemonConfig) -> Path | None:
@@ -311,23 +312,6 @@ def rpc_server_beside(llama_server: Path) -> Path:
         if (llama_server.parent / name).exists():
             return llama_server.parent / name
     return llama_server.parent / RPC_SERVER_NAMES[0]
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def gpu_environment(gpus: tuple[int, ...] | None) -> dict[str, str]:

@@ -45,13 +45,23 @@ def _env_key(value: str) -> str:
     return value
 
 
+def ip_of(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """`host` as an IP address, or None for a host name."""
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def is_loopback(host: str) -> bool:
+    ip = ip_of(host)
+    return host == "localhost" or (ip is not None and ip.is_loopback)
+
+
 def _host(value: str) -> str:
     """An IP address or an RFC 1123 host name that getaddrinfo can take."""
-    try:
-        ipaddress.ip_address(value)
+    if ip_of(value) is not None:
         return value
-    except ValueError:
-        pass
     fix = 'use an address of this machine, e.g. "127.0.0.1" or "0.0.0.0" for all'
     if value.startswith("["):
         raise ValueError(f"write an IPv6 address without brackets; {fix}")

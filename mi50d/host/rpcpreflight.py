@@ -12,8 +12,8 @@ import os
 import socket
 from collections.abc import Mapping
 
-from mi50d.config import DaemonConfig, InstanceConfig, is_loopback, rpc_server_beside
-from mi50d.configtypes import rpc_host_port
+from mi50d.config import DaemonConfig, InstanceConfig, rpc_server_beside
+from mi50d.configtypes import is_loopback, rpc_host_port
 from mi50d.host.checks import Check, fail, ok, warn
 from mi50d.host.firewall import nft_path, table_name
 from mi50d.host.rpchello import HelloError, Version, binary_version, compatible, hello
