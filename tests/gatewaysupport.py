@@ -13,7 +13,7 @@ from aiohttp import web
 
 from mi50d.config import load_config
 from mi50d.engine.supervisor import Supervisor
-from mi50d.gateway.observer import Observer
+from mi50d.gateway.observer import NullObserver, Observer
 from mi50d.gateway.service import GatewayService
 from mi50d.host.accounts import account_for
 from tests.support import Recorder
@@ -88,3 +88,16 @@ async def gateway_on(directory: Path, observer: Observer | None = None,
     finally:
         rec.close()
         await gw.close()
+
+
+class Codes(NullObserver):
+    """The code each finished request was counted under."""
+
+    def __init__(self) -> None:
+        self.codes: list[int] = []
+        self.changed = asyncio.Event()
+
+    def request_finished(self, model: str, code: int, duration_s: float, ttft_s: float | None,
+                         prompt_tokens: int | None, generated_tokens: int | None) -> None:
+        self.codes.append(code)
+        self.changed.set()

@@ -3,9 +3,11 @@ real llama-server) untouched. Also: a vision-sized body passes under the default
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
+import logging
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,8 +17,8 @@ import pytest
 from yarl import URL
 
 from tests.ctlsupport import fake_instance, server_instance
-from tests.gatewaysupport import gateway_on
-from tests.support import free_port, write_config
+from tests.gatewaysupport import Codes, gateway_on
+from tests.support import fake_env, free_port, write_config
 
 pytestmark = pytest.mark.llama
 
@@ -125,3 +127,39 @@ async def test_a_cookie_an_answer_sets_goes_to_that_client_only(tmp_path: Path) 
             status, doc = await call(second, "POST", f"{gw.url}/v1/completions",
                                      json={"model": "a"})
             assert status == 200 and doc["cookie"] == ""  # nothing of the first client's
+
+
+@pytest.mark.asyncio
+async def test_clients_leaving_a_fast_stream_are_counted_not_logged_as_errors(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An upstream that streams as fast as it can (bench/fastupstream.py), clients that read a
+    little and leave: the gateway is often mid-write when the client's connection closes. Each is
+    counted as 499, nothing is logged as an error, and the gateway keeps answering."""
+    fast = Path(__file__).parents[1] / "bench" / "fastupstream.py"
+    gport = free_port()
+    cfg = write_config(tmp_path, {"preflight": False, "gateway": {"listen": f"127.0.0.1:{gport}"}},
+                       {"fast": {"llama_server": str(fast), "model": "/dev/null",
+                                 "port": free_port(), "autostart": True,
+                                 "env": fake_env(FAST_CHUNKS=2_000_000)}})
+    codes = Codes()
+    async with gateway_on(cfg, codes) as (_, rec, _gw):
+        await rec.wait("fast", "running")
+        body = b'{"model": "fast"}'
+        request = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                   b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        for _ in range(10):
+            reader, writer = await asyncio.open_connection("127.0.0.1", gport)
+            writer.write(request)
+            assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+            await reader.readexactly(4096)
+            writer.write_eof()  # the client leaves mid-stream: its FIN, then its close
+            writer.close()
+            await writer.wait_closed()
+        async with asyncio.timeout(30):
+            while len(codes.codes) < 10:
+                codes.changed.clear()
+                await codes.changed.wait()
+        assert codes.codes == [499] * 10
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING
+            and r.name.startswith(("aiohttp", "mi50d.gateway"))] == []
+

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -20,7 +21,7 @@ import openai
 import pytest
 
 from tests.ctlsupport import server_instance
-from tests.gatewaysupport import Timeline, gateway_on
+from tests.gatewaysupport import Codes, Timeline, gateway_on
 from tests.support import free_port, write_config
 
 pytestmark = pytest.mark.llama
@@ -147,11 +148,12 @@ async def test_idle_unload_waits_for_the_request_in_flight(
 
 @pytest.mark.asyncio
 async def test_client_leaving_mid_stream_stops_generation(
-        tmp_path: Path, request: pytest.FixtureRequest) -> None:
+        tmp_path: Path, request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture) -> None:
     gport = free_port()
     cfg = write_config(tmp_path, settings(gport), {
         "a": server_instance(request, free_port(), autostart=True, **ENDLESS)})
-    async with gateway_on(cfg) as (_, rec, gw), aiohttp.ClientSession() as session:
+    codes = Codes()
+    async with gateway_on(cfg, codes) as (_, rec, gw), aiohttp.ClientSession() as session:
         await rec.wait("a", "running")
         body = {**CHAT, "model": "a", "stream": True, "max_tokens": 2_000_000}
         async with aiohttp.ClientSession() as leaving:
@@ -171,6 +173,13 @@ async def test_client_leaving_mid_stream_stops_generation(
         status, doc = await chat(session, gport, "a")
         assert status == 200 and doc["choices"]
         assert rec.sequence("a") == ["stopped", "starting", "running"]
+        async with asyncio.timeout(30):
+            while 499 not in codes.codes:
+                codes.changed.clear()
+                await codes.changed.wait()
+    # A client that leaves is counted as 499 and is no error: no traceback, no "upstream broke".
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING
+            and r.name.startswith(("aiohttp", "mi50d.gateway"))] == []
 
 
 @pytest.mark.asyncio

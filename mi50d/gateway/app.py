@@ -26,9 +26,12 @@ from mi50d.gateway.errors import GatewayError, bad_request, envelope, error_resp
 from mi50d.gateway.instances import Instances
 from mi50d.gateway.observer import Observer
 from mi50d.gateway.ondemand import OnDemand
-from mi50d.gateway.proxy import Exchange, forward, upstream_headers
+from mi50d.gateway.proxy import CLIENT_LEFT, UPSTREAM_BROKE, Exchange, forward, upstream_headers
 
 log = logging.getLogger("mi50d.gateway.app")
+# The code a cut answer is counted under (its client already got the upstream's status):
+# nginx's 499 for a client that left, 502 for an upstream that broke off mid-answer.
+CUT_CODES = {CLIENT_LEFT: 499, UPSTREAM_BROKE: 502}
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 OPEN_PATHS = frozenset({"/health"})  # answered without an API key
@@ -109,7 +112,7 @@ class Gateway:
                                            self._upstream_key(conf))
                 response = await forward(self.session, request, url, body, headers, exchange,
                                          f"{model} ({conf.endpoint()})")
-            code = exchange.status
+            code = CUT_CODES.get(exchange.cut or "", exchange.status)
             return response
         except GatewayError as exc:
             code = exc.status

@@ -61,12 +61,17 @@ def client_session() -> aiohttp.ClientSession:
                                  cookie_jar=aiohttp.DummyCookieJar())
 
 
+CLIENT_LEFT, UPSTREAM_BROKE = "client_left", "upstream_broke"
+
+
 class Exchange:
-    """What one proxied request measured: status, time to first chunk, the answer's tail."""
+    """What one proxied request measured: status, time to first chunk, the answer's tail, and
+    how a cut answer was cut (CLIENT_LEFT, UPSTREAM_BROKE)."""
 
     def __init__(self) -> None:
         self.began = time.monotonic()
         self.status = 0
+        self.cut: str | None = None
         self.first_chunk_s: float | None = None
         self.streamed = False
         self.tail = TokenTail()
@@ -127,26 +132,47 @@ async def forward(session: aiohttp.ClientSession, request: web.Request, url: str
         response.headers["X-Accel-Buffering"] = "no"
         exchange.streamed = upstream.content_type == "text/event-stream"
         await response.prepare(request)
-        try:
-            async for chunk in upstream.content.iter_any():
-                if exchange.first_chunk_s is None:
-                    exchange.first_chunk_s = time.monotonic() - exchange.began
-                exchange.tail.feed(chunk)
+        pieces = aiter(upstream.content.iter_any())
+        while True:
+            try:
+                chunk = await anext(pieces)
+            except StopAsyncIteration:
+                break
+            except aiohttp.ClientError as exc:
+                # The answer has begun: no error can be sent any more. Cut the client's
+                # connection so it sees a truncated answer rather than a complete-looking one.
+                log.warning("upstream_broke what=%s detail=%s", what, exc)
+                return _cut(request, upstream, exchange, UPSTREAM_BROKE, response)
+            if exchange.first_chunk_s is None:
+                exchange.first_chunk_s = time.monotonic() - exchange.began
+            exchange.tail.feed(chunk)
+            try:
                 if upstream.content.at_eof():  # the last piece: with the end, in one send
                     await response.write_eof(chunk)
                     return response
                 await response.write(chunk)
-        except aiohttp.ClientError as exc:
-            # The answer has begun: no error can be sent any more. Cut the client's connection
-            # so it sees a truncated answer rather than a complete-looking one.
-            log.warning("upstream_broke what=%s detail=%s", what, exc)
-            if request.transport is not None:
-                request.transport.close()
-            raise ConnectionResetError(f"{what} broke off its answer") from None
-        await response.write_eof()
+            except ConnectionError:  # the client left (aiohttp's ClientConnectionResetError)
+                return _cut(request, upstream, exchange, CLIENT_LEFT, response)
+        try:
+            await response.write_eof()
+        except ConnectionError:
+            return _cut(request, upstream, exchange, CLIENT_LEFT, response)
         return response
     except BaseException:
         upstream.close()  # not released to the pool: closing it is what tells llama-server
         raise
     finally:
         upstream.release()
+
+
+def _cut(request: web.Request, upstream: aiohttp.ClientResponse, exchange: Exchange, why: str,
+         response: web.StreamResponse) -> web.StreamResponse:
+    """End a begun answer without its end: close both connections (the upstream one is never
+    returned to the pool: closing it is what tells llama-server to stop generating). The
+    response goes back to aiohttp, which finds the transport closed and only logs the access:
+    a client that leaves, or an upstream that breaks, is no error of the gateway's."""
+    exchange.cut = why
+    if request.transport is not None:
+        request.transport.close()
+    upstream.close()
+    return response
