@@ -175,20 +175,25 @@ class Gateway:
 
 def model_of(body: bytes, instances: dict[str, InstanceConfig]) -> str:
     """The body's `model`, from one decoding of it; 400 with what to send otherwise."""
-    models = routing.served(instances).values()
-    known = ", ".join(sorted({c.model_name for c in models})) or "none configured"
     try:
         doc = json.loads(body)
     except ValueError as exc:
         raise bad_request(f"the body is not JSON ({exc}); send a JSON object with \"model\" "
-                          f"naming one of: {known}") from None
+                          f"naming one of: {_known(instances)}") from None
     if not isinstance(doc, dict):
         raise bad_request(f"the body is JSON but not an object; send an object with \"model\" "
-                          f"naming one of: {known}")
+                          f"naming one of: {_known(instances)}")
     model = doc.get("model")
     if not isinstance(model, str) or not model:
-        raise bad_request(f"the body has no \"model\" string; set it to one of: {known}")
+        raise bad_request(f"the body has no \"model\" string; set it to one of: "
+                          f"{_known(instances)}")
     return model
+
+
+def _known(instances: dict[str, InstanceConfig]) -> str:
+    """The model names there are, for an error message only (not worked out per request)."""
+    models = routing.served(instances).values()
+    return ", ".join(sorted({c.model_name for c in models})) or "none configured"
 
 
 def _http_code(status: int) -> str:
