@@ -95,9 +95,7 @@ def test_a_guarded_unit_runs_its_nft_script_privileged_around_its_run(binary: st
 @pytest.mark.skipif(os.geteuid() != 0 or firewall.nft_path() is None, reason="needs root and nft")
 def test_the_units_nft_commands_install_and_remove_the_table() -> None:
     """What the unit runs, run here: nft takes the whole script as one argument."""
-    commands = firewall.unit_commands("unitbus_t", 50999, ["10.9.0.0/24", "fd09::/64"])
-    assert commands is not None
-    pre, post = commands
+    pre, post = firewall.unit_commands("unitbus_t", 50999, ["10.9.0.0/24", "fd09::/64"])
     assert subprocess.run(pre, check=False).returncode == 0
     listed = subprocess.run(["nft", "list", "table", "inet", "mi50d_unitbus_t"], check=True,
                             capture_output=True, text=True).stdout

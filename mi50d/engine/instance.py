@@ -308,19 +308,14 @@ class Instance:
                 return Ended(outcome, f"preflight failed: {problem}")
         networks = config.client_networks()
         guard = None
-        if networks and self.hooks.spawn is None:  # a direct child: mi50d installs the table
-            try:
+        try:
+            if networks and self.hooks.spawn is None:  # a direct child: mi50d installs the table
                 await asyncio.to_thread(firewall.install, config.name, config.port, networks)
-            except firewall.FirewallError as exc:
-                self.diagnosis = f"allow: {exc}"
-                return Ended(Outcome.FATAL, self.diagnosis)
-        elif networks:  # a unit: the unit installs it (privileged ExecStartPre=)
-            commands = firewall.unit_commands(config.name, config.port, networks)
-            if commands is None:
-                self.diagnosis = ("allow: nft not found, so nothing would enforce allow; "
-                                  "install nftables (apt-get install nftables)")
-                return Ended(Outcome.FATAL, self.diagnosis)
-            guard = (tuple(commands[0]), tuple(commands[1]))
+            elif networks:  # a unit: the unit installs it (privileged ExecStartPre=)
+                guard = firewall.unit_commands(config.name, config.port, networks)
+        except firewall.FirewallError as exc:
+            self.diagnosis = f"allow: {exc}"
+            return Ended(Outcome.FATAL, self.diagnosis)
         spec = SpawnSpec(
             argv=config.argv(daemon),
             env=config.environment(

@@ -53,22 +53,29 @@ def nft_path() -> str | None:
     return shutil.which("nft") or shutil.which("nft", path="/usr/sbin:/sbin")
 
 
-def unit_commands(instance: str, port: int,
-                  networks: Sequence[str]) -> tuple[list[str], list[str]] | None:
-    """(ExecStartPre argv, ExecStopPost argv) that install and remove the table around a
-    unit's run; None without nft. The script goes as one argument (nft reads its arguments as
-    one command buffer, newlines included)."""
-    nft = nft_path()
-    if nft is None:
-        return None
-    return [nft, script(instance, port, networks)], [nft, f"delete table inet {table_name(instance)}"]
-
-
-def install(instance: str, port: int, networks: Sequence[str]) -> None:
+def _nft() -> str:
     nft = nft_path()
     if nft is None:
         raise FirewallError("nft not found, so nothing would enforce allow; install nftables "
-                            "(apt-get install nftables), or run mi50d under systemd")
+                            "(apt-get install nftables)")
+    return nft
+
+
+def _delete(nft: str, instance: str) -> tuple[str, ...]:
+    return (nft, "delete", "table", "inet", table_name(instance))
+
+
+def unit_commands(instance: str, port: int,
+                  networks: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(ExecStartPre argv, ExecStopPost argv) that install and remove the table around a
+    unit's run; FirewallError without nft. The script goes as one argument (nft reads its
+    arguments as one command buffer, newlines included)."""
+    nft = _nft()
+    return (nft, script(instance, port, networks)), _delete(nft, instance)
+
+
+def install(instance: str, port: int, networks: Sequence[str]) -> None:
+    nft = _nft()
     try:
         done = subprocess.run([nft, "-f", "-"], input=script(instance, port, networks),
                               capture_output=True, text=True, timeout=NFT_TIMEOUT_S, check=False)
@@ -87,5 +94,5 @@ def remove(instance: str) -> None:
     if nft is None:
         return
     with contextlib.suppress(OSError, subprocess.TimeoutExpired):
-        subprocess.run([nft, "delete", "table", "inet", table_name(instance)], capture_output=True,
-                       timeout=NFT_TIMEOUT_S, check=False)
+        subprocess.run(_delete(nft, instance), capture_output=True, timeout=NFT_TIMEOUT_S,
+                       check=False)
