@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.gateway", description=__doc__)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
+    parser.add_argument("--workers", type=int, default=0,
+                        help="also measure section 8 with this many gateway front processes")
     args = parser.parse_args(argv)
     rounds, swaps, starts = (2, 2, 2) if args.quick else (8, 8, 8)
     started = time.monotonic()
@@ -51,7 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="mi50d-bench-gw-", dir="/tmp") as tmp:
         work = Path(tmp)
         sections: list[tuple[str, Callable[[], list[Row]]]] = [
-            ("8 gateway", lambda: gwstreams.run(work, tiny, [1, 16, 64], rounds, 512)),
+            ("8 gateway", lambda: gwstreams.run(work, tiny, [1, 16, 64], rounds, 512))]
+        if args.workers:
+            sections.append(("8 gateway, fronts", lambda: gwstreams.run(
+                work, tiny, [1, 16, 64], rounds, 512, args.workers)))
+        sections += [
             ("9 swap", lambda: gwswap.run(work, tiny, swaps)),
             ("10 preflight", lambda: gwpreflight.run(work, tiny, starts))]
         for name, run in sections:
@@ -59,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
             got = run()
             print(text_table(got), flush=True)
             rows += got
-    command = "python -m bench.gateway" + (" --quick" if args.quick else "")
+    command = "python -m bench.gateway" + (" --quick" if args.quick else "") + (
+        f" --workers {args.workers}" if args.workers else "")
     facts = machine()
     facts["wall time"] = f"{time.monotonic() - started:.0f} s"
     print("\n" + text_table(rows))

@@ -91,11 +91,11 @@ async def _per_request(session: aiohttp.ClientSession, gw: str, fport: int, n: i
     return row
 
 
-def _config(work: Path, model: Path, gport: int) -> tuple[Path, int, int, int]:
+def _config(work: Path, model: Path, gport: int, workers: int) -> tuple[Path, int, int, int]:
     tport, fport, oport = free_port(), free_port(), free_port()
     directory = write_config(work / "gw-streams", {
         "llama_server": str(LLAMA_SERVER), "preflight": False,
-        "gateway": {"listen": f"127.0.0.1:{gport}"}}, {
+        "gateway": {"listen": f"127.0.0.1:{gport}", "workers": workers}}, {
         "tiny": {"model": str(model), "port": tport, "autostart": True, "threads": 1,
                  "ctx_size": 512 * SLOTS, "args": ["--parallel", str(SLOTS)]},
         "fast": {"llama_server": str(FAST), "model": "/dev/null", "port": fport,
@@ -106,7 +106,7 @@ def _config(work: Path, model: Path, gport: int) -> tuple[Path, int, int, int]:
 
 
 async def _measure(gport: int, tport: int, fport: int, oport: int, counts: list[int],
-                   rounds: int, tokens: int) -> list[Row]:
+                   rounds: int, tokens: int, via_what: str) -> list[Row]:
     rows: list[Row] = []
     gw, direct = f"http://127.0.0.1:{gport}", f"http://127.0.0.1:{tport}"
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=4.0)  # llama-server's is 5 s
@@ -123,7 +123,7 @@ async def _measure(gport: int, tport: int, fport: int, oport: int, counts: list[
                 order = [(gw, via), (direct, base)]
                 for url, into in order if r % 2 else order[::-1]:
                     into.append(await _round(session, f"{url}/v1/chat/completions", n, body))
-            rows.append(paired(SECTION, f"tiny, {n} streams: TTFT p50", "ms",
+            rows.append(paired(SECTION, f"tiny, {n} streams{via_what}: TTFT p50", "ms",
                                [statistics.median(x.ttft_ms) for x in via],
                                [statistics.median(x.ttft_ms) for x in base], "direct",
                                goal="+<= 2 ms", fmt=".2f"))
@@ -135,7 +135,7 @@ async def _measure(gport: int, tport: int, fport: int, oport: int, counts: list[
                 f"p99 {percentile(pooled_via, 99):.2f} ms through the gateway, p50 "
                 f"{percentile(pooled_base, 50):.2f} / p99 {percentile(pooled_base, 99):.2f} ms "
                 "direct")
-            rows.append(paired(SECTION, f"tiny, {n} streams: tokens/s", "tok/s",
+            rows.append(paired(SECTION, f"tiny, {n} streams{via_what}: tokens/s", "tok/s",
                                [x.tokens_per_s for x in via], [x.tokens_per_s for x in base],
                                "direct", goal="ratio >= 0.98", fmt=".0f"))
             rows[-1].met = rows[-1].ratio is not None and rows[-1].ratio.median >= 0.98
@@ -154,9 +154,14 @@ async def _measure(gport: int, tport: int, fport: int, oport: int, counts: list[
     return rows
 
 
-def run(work: Path, model: Path, counts: list[int], rounds: int, tokens: int) -> list[Row]:
+def run(work: Path, model: Path, counts: list[int], rounds: int, tokens: int,
+        workers: int = 0) -> list[Row]:
+    """The rows; with `workers`, the gateway runs that many front processes ([gateway]
+    workers) and the figures say so."""
     gport = free_port()
-    directory, tport, fport, oport = _config(work, model, gport)
+    directory, tport, fport, oport = _config(work, model, gport, workers)
+    via_what = f", {workers} fronts" if workers else ""
     with daemon(directory, work) as d:
         d.wait_log("new=running", 3, 300)
-        return asyncio.run(_measure(gport, tport, fport, oport, counts, rounds, tokens))
+        return asyncio.run(_measure(gport, tport, fport, oport, counts, rounds, tokens,
+                                    via_what))

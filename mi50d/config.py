@@ -344,6 +344,9 @@ class GatewayConfig(_Model):
     max_queue: Annotated[int, Strict(), Field(ge=0)] = 64  # requests waiting per model; then 429
     swap_wait_s: PositiveSeconds = 120.0  # how long a swap waits for a victim's requests
     max_body_bytes: Annotated[int, Strict(), Field(ge=1024)] = 64 << 20  # base64 images; 413
+    # Front processes serving requests to running instances beside the daemon's own loop
+    # (mi50d.gateway.front); 0: the daemon serves every request itself.
+    workers: Annotated[int, Strict(), Field(ge=0, le=64)] = 0
 
     @field_validator("listen")
     @classmethod

@@ -45,6 +45,15 @@ def short_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="m5", dir="/tmp"))
 
 
+@pytest.fixture(params=[0, 2], ids=["in-daemon", "fronts"])
+def fronts(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
+    """`[gateway] workers` for tests.gatewaysupport.gateway_on: 0, then 2 front processes."""
+    from tests import gatewaysupport
+
+    monkeypatch.setattr(gatewaysupport, "FRONTS", request.param)
+    return int(request.param)
+
+
 @pytest.fixture(scope="session")
 def llama_source() -> Path:
     return llamasrc.ensure_source()

@@ -18,6 +18,11 @@ from mi50d.gateway.service import GatewayService
 from mi50d.host.accounts import account_for
 from tests.support import Recorder
 
+# `[gateway] workers` for every gateway_on of a test that uses the `fronts` fixture (conftest):
+# each such test runs with the daemon serving every request itself, and again with two front
+# processes in front of it.
+FRONTS: int | None = None
+
 
 class Timeline:
     """Every state change of every instance as `name:state`, in order, with notes the test adds
@@ -74,7 +79,10 @@ async def gateway_on(directory: Path, observer: Observer | None = None,
     config = load_config(directory)
     sup = Supervisor(config, account_for(config))
     rec = Recorder(sup)
-    gw = GatewayService(config.daemon.gateway, sup, observer, extra_routes)
+    settings = config.daemon.gateway
+    if FRONTS is not None:
+        settings = settings.model_copy(update={"workers": FRONTS})
+    gw = GatewayService(settings, sup, observer, extra_routes)
     await gw.open()
     try:
         async with asyncio.TaskGroup() as tg:

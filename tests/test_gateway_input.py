@@ -20,7 +20,7 @@ from tests.ctlsupport import fake_instance, server_instance
 from tests.gatewaysupport import Codes, gateway_on
 from tests.support import fake_env, free_port, write_config
 
-pytestmark = pytest.mark.llama
+pytestmark = [pytest.mark.llama, pytest.mark.usefixtures("fronts")]
 
 
 async def call(session: aiohttp.ClientSession, method: str, url: str,

@@ -18,7 +18,7 @@ from tests.ctlsupport import server_instance
 from tests.gatewaysupport import gateway_on
 from tests.support import free_port, write_config
 
-pytestmark = pytest.mark.llama
+pytestmark = [pytest.mark.llama, pytest.mark.usefixtures("fronts")]
 
 
 @dataclass

@@ -16,6 +16,8 @@ from tests.ctlsupport import fake_instance
 from tests.gatewaysupport import Timeline, gateway_on
 from tests.support import fake_daemon, free_port, supervising, write_config
 
+pytestmark = pytest.mark.usefixtures("fronts")
+
 
 async def post(session: aiohttp.ClientSession, url: str) -> tuple[int, str]:
     async with session.post(url, json={"model": "slow"}) as resp:

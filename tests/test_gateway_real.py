@@ -20,11 +20,12 @@ import aiohttp
 import openai
 import pytest
 
+from mi50d.gateway.service import GatewayService
 from tests.ctlsupport import server_instance
 from tests.gatewaysupport import Codes, Timeline, gateway_on
 from tests.support import free_port, write_config
 
-pytestmark = pytest.mark.llama
+pytestmark = [pytest.mark.llama, pytest.mark.usefixtures("fronts")]
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
 # Generation that would run for many minutes: context shift lets the tiny model go on forever.
@@ -240,14 +241,14 @@ async def test_client_leaving_a_non_streaming_request_closes_the_upstream_reques
         async with asyncio.timeout(60):  # another process's state: re-ask, bounded
             while not (await asyncio.to_thread(direct_slots, port))[0]["is_processing"]:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
-        assert upstream_connections(port) == 1  # the request in flight, and nothing else
+        assert upstream_connections(port, gw) == 1  # the request in flight, and nothing else
         leaving.cancel()  # the client gives up before any byte of the answer
         with pytest.raises(asyncio.CancelledError):
             await leaving
         # Closed, not returned to the pool: a pooled connection would outlive the pool's 4 s
         # keep-alive, so this bound tells the two apart.
         async with asyncio.timeout(2):
-            while upstream_connections(port):  # noqa: ASYNC110
+            while upstream_connections(port, gw):  # noqa: ASYNC110
                 await asyncio.sleep(0.02)
 
 
@@ -258,14 +259,16 @@ def direct_slots(port: int) -> list[dict[str, Any]]:
         return result
 
 
-def upstream_connections(port: int) -> int:
-    """Established TCP connections of this process (the gateway runs in it) to 127.0.0.1:port."""
+def upstream_connections(port: int, gw: GatewayService) -> int:
+    """Established TCP connections of the gateway's processes (this one, and its fronts) to
+    127.0.0.1:port."""
     mine = set()
-    for fd in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):
-            link = os.readlink(f"/proc/self/fd/{fd}")
-            if link.startswith("socket:["):
-                mine.add(link[8:-1])
+    for pid in ["self", *map(str, gw.fronts.pids() if gw.fronts is not None else [])]:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if link.startswith("socket:["):
+                    mine.add(link[8:-1])
     count = 0
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         fields = line.split()

@@ -24,7 +24,7 @@ from tests.ctlsupport import server_instance
 from tests.gatewaysupport import Timeline, gateway_on
 from tests.support import free_port, write_config
 
-pytestmark = pytest.mark.llama
+pytestmark = [pytest.mark.llama, pytest.mark.usefixtures("fronts")]
 
 FIXTURE = Path(__file__).parent / "fixtures" / "hosts" / "two-mi50" / "sys"
 GPU1_ID = 5210  # gpu_id of the topology's second GPU node
@@ -107,7 +107,7 @@ def order(events: list[str], wanted: list[str]) -> list[str]:
 
 @pytest.mark.asyncio
 async def test_b_waits_for_a_stream_then_a_stops_releases_and_b_loads(
-        tmp_path: Path, request: pytest.FixtureRequest) -> None:
+        tmp_path: Path, request: pytest.FixtureRequest, fronts: int) -> None:
     endless = {"args": ["--context-shift", "--parallel", "1"], "ctx_size": 512}
     cfg, sysfs, need = setup_host(tmp_path, request, {
         "a": {"on_demand": True, **endless}, "b": {"on_demand": True}})
@@ -133,8 +133,14 @@ async def test_b_waits_for_a_stream_then_a_stops_releases_and_b_loads(
         wanted = ["a:stopped", "b:stopped", "a:starting", "a:running", "kfd:holds a",
                   "a:streaming", "b:requested", "a:stream-ended", "a:stopping", "a:stopped",
                   "kfd:released a", "b:starting", "b:running", "kfd:holds b"]
+        if fronts:
+            # A front tells the daemon that A's stream ended once it wrote the end, while this
+            # client may still be reading it: A's stop and this note race (other processes).
+            # That the stream was whole when A stopped is the [DONE] above: SIGTERM mid-stream
+            # would have cut it.
+            wanted.remove("a:stream-ended")
         await line.wait("kfd:holds b")
-        assert order(line.events, wanted) == wanted, line.events
+        assert order(line.events, wanted) == wanted, " ".join(line.events)
         assert gw.in_flight("a") == gw.in_flight("b") == 0
 
 

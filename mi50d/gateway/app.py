@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -50,6 +51,23 @@ class Gateway:
         self.observer = observer
         self.keys = keys
         self._upstream_keys: dict[tuple[Path, int], str | None] = {}
+
+    def front_state(self) -> dict[str, Any]:
+        """What a front process may route itself (mi50d.gateway.front): every model name and
+        alias, and the instances open to new requests (up, and not being stopped by a swap or
+        an idle unload), with their address and upstream key."""
+        instances = self.instances.config.instances
+        opened: dict[str, dict[str, Any]] = {}
+        for name, conf in routing.served(instances).items():
+            try:
+                up = self.instances.is_up(name)
+            except UnknownInstance:
+                continue
+            if up and not self.ondemand.activity(name).draining:
+                opened[name] = {"url": conf.endpoint(), "model": conf.model_name,
+                                "key": self._upstream_key(conf)}
+        return {"routes": routing.names(instances), "open": opened,
+                "keys": None if self.keys is None else sorted(self.keys)}
 
     # ---- handlers ----------------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from mi50d.config import GatewayConfig, InstanceConfig
@@ -66,6 +66,10 @@ class OnDemand:
         self._changed = asyncio.Event()
         self._tg: asyncio.TaskGroup | None = None
         self._reaper_task: asyncio.Task[None] | None = None
+        # With front processes (`[gateway] workers`): told of every change, and awaited after a
+        # victim is marked draining so that the fronts' counts in flight are complete.
+        self.on_notify: list[Callable[[], None]] = []
+        self.fronts_closed: Callable[[], Awaitable[None]] | None = None
         instances.on_change(self._notify)
 
     # ---- lifetime ----------------------------------------------------------------------------
@@ -83,6 +87,29 @@ class OnDemand:
 
     def activity(self, name: str) -> Activity:
         return self._activity.setdefault(name, Activity())
+
+    def remote(self, before: Mapping[str, int], after: Mapping[str, int]) -> None:
+        """A front's requests in flight per instance went from `before` to `after` (they are
+        added to the daemon's own); a count that went down is a request that ended."""
+        ended = False
+        for name in before.keys() | after.keys():
+            step = after.get(name, 0) - before.get(name, 0)
+            if not step:
+                continue
+            act = self.activity(name)
+            act.in_flight += step
+            if step < 0:
+                act.last_used, act.idle_since = time.time(), time.monotonic()
+                ended = ended or act.in_flight == 0
+            if name in self._inst.config.instances:
+                self._observer.in_flight_changed(self._inst.config.instances[name].model_name,
+                                                 act.in_flight)
+        if ended:
+            self._notify()
+
+    async def _fronts_closed(self) -> None:
+        if self.fronts_closed is not None:
+            await self.fronts_closed()
 
     # ---- admission ---------------------------------------------------------------------------
 
@@ -259,6 +286,7 @@ class OnDemand:
             wait_s = self._settings.swap_wait_s
             try:
                 async with asyncio.timeout(wait_s):
+                    await self._fronts_closed()
                     await self._wait(lambda: act.in_flight == 0)
             except TimeoutError:
                 raise GatewayError(503, f"{conf.model_name} needs the VRAM of {victim}, whose "
@@ -342,8 +370,11 @@ class OnDemand:
     async def _unload(self, name: str, conf: InstanceConfig) -> None:
         act = self.activity(name)
         act.draining = True
-        log.info("idle_unload instance=%s idle_unload_s=%g", name, conf.idle_unload_s or 0)
         try:
+            await self._fronts_closed()
+            if act.in_flight:  # a front began one just before it saw the unload: not idle
+                return
+            log.info("idle_unload instance=%s idle_unload_s=%g", name, conf.idle_unload_s or 0)
             await self._inst.ensure_stopped(name)
         except UnknownInstance:
             pass
@@ -357,6 +388,8 @@ class OnDemand:
     def _notify(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
+        for hook in self.on_notify:
+            hook()
 
     async def _wait(self, predicate: Callable[[], bool]) -> None:
         while not predicate():

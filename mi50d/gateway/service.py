@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
+import socket
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 from aiohttp import web
 
 from mi50d.config import GatewayConfig
 from mi50d.engine.supervisor import Supervisor
 from mi50d.gateway.app import Gateway, make_app
+from mi50d.gateway.fronts import Fronts, listeners
 from mi50d.gateway.instances import Instances
 from mi50d.gateway.keys import load_keys
 from mi50d.gateway.observer import NullObserver, Observer
@@ -43,6 +48,8 @@ class GatewayService:
         self._supervisor = supervisor
         self._runner: web.AppRunner | None = None
         self._gateway: Gateway | None = None
+        self.fronts: Fronts | None = None
+        self._private: Path | None = None
 
     @property
     def url(self) -> str:
@@ -70,23 +77,50 @@ class GatewayService:
         self._runner = runner
         await runner.setup()
         try:
-            await web.TCPSite(runner, self.host, self.port, reuse_address=True).start()
+            if self.settings.workers:
+                await self._open_fronts(runner, self._gateway)
+            else:
+                await web.TCPSite(runner, self.host, self.port, reuse_address=True).start()
         except OSError as exc:
             await self.close()
             raise ListenError(f"gateway: cannot listen on {self.settings.listen}: "
                               f"{exc.strerror or exc}; free the port (ss -ltnp 'sport = "
                               f":{self.port}') or change [gateway] listen in mi50d.toml") from None
-        log.info("gateway_listening url=%s keys=%s", self.url, "on" if keys else "off")
+        log.info("gateway_listening url=%s keys=%s workers=%d", self.url,
+                 "on" if keys else "off", self.settings.workers)
+
+    async def _open_fronts(self, runner: web.AppRunner, gateway: Gateway) -> None:
+        """The address's sockets for the front processes, and the daemon's own gateway on a
+        Unix socket in a directory only the daemon's user may enter, for what they pass on."""
+        sockets = listeners(self.host, self.port, self.settings.workers)
+        self._private = Path(tempfile.mkdtemp(prefix="mi50d-gateway-"))
+        internal = str(self._private / "gateway.sock")
+        unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        unix.bind(internal)
+        unix.listen(1024)
+        await web.SockSite(runner, unix).start()
+        self.fronts = Fronts(sockets, internal, self.settings.max_body_bytes,
+                             gateway.front_state, self.ondemand, self.observer)
+        self.ondemand.on_notify.append(self.fronts.push)
+        self.ondemand.fronts_closed = self.fronts.closed
 
     def launch(self, tg: asyncio.TaskGroup) -> None:
         self.ondemand.launch(tg)
+        if self.fronts is not None:
+            self.fronts.launch(tg)
 
     async def close(self) -> None:
         """Stop listening, end the requests still running, close the upstream session."""
         self.ondemand.close()
+        if self.fronts is not None:
+            await self.fronts.close()
+            self.fronts = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
         if self._gateway is not None:
             await self._gateway.session.close()
             self._gateway = None
+        if self._private is not None:
+            shutil.rmtree(self._private, ignore_errors=True)
+            self._private = None
