@@ -106,15 +106,7 @@ class Gateway:
     # ---- the shared path ---------------------------------------------------------------------
 
     async def _body(self, request: web.Request) -> bytes:
-        limit = self.settings.max_body_bytes
-        too_large = GatewayError(413, f"the request body is over max_body_bytes={limit}; raise "
-                                 "[gateway] max_body_bytes in mi50d.toml", "body_too_large")
-        if request.content_length is not None and request.content_length > limit:
-            raise too_large
-        try:
-            return await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise too_large from None
+        return await read_body(request, self.settings.max_body_bytes)
 
     async def _serve(self, request: web.Request, conf: InstanceConfig, path: str,
                      body: bytes) -> web.StreamResponse:
@@ -189,6 +181,18 @@ class Gateway:
                           request.path)
             return error_response(GatewayError(500, "internal error in mi50d's gateway; see "
                                                "the journal (journalctl -u mi50d)", "internal"))
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The whole body, up to `limit` bytes (the application's client_max_size); 413 past it."""
+    too_large = GatewayError(413, f"the request body is over max_body_bytes={limit}; raise "
+                             "[gateway] max_body_bytes in mi50d.toml", "body_too_large")
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise too_large from None
 
 
 def model_of(body: bytes, instances: dict[str, InstanceConfig]) -> str:

@@ -34,7 +34,7 @@ from aiohttp import web
 
 from mi50d.gateway import channel, routing
 from mi50d.gateway import keys as keymod
-from mi50d.gateway.app import CUT_CODES, OPEN_PATHS, model_of
+from mi50d.gateway.app import CUT_CODES, OPEN_PATHS, model_of, read_body
 from mi50d.gateway.errors import GatewayError, error_response
 from mi50d.gateway.proxy import Exchange, client_session, forward, upstream_headers
 
@@ -115,7 +115,7 @@ class Front:
             raise GatewayError(401, "missing or wrong API key: send `Authorization: Bearer KEY` "
                                "or `X-Api-Key: KEY` with a key from [gateway] api_key_file",
                                "invalid_api_key")
-        body = await self._body(request)
+        body = await read_body(request, self.max_body)
         if request.method == "POST" and request.path in MODEL_ROUTES:
             try:
                 name = self.routes.get(model_of(body, {}))
@@ -125,17 +125,6 @@ class Front:
             if name is not None and target is not None:
                 return await self._serve(request, name, target, body)
         return await self._pass(request, body)
-
-    async def _body(self, request: web.Request) -> bytes:
-        limit = self.max_body
-        too_large = GatewayError(413, f"the request body is over max_body_bytes={limit}; raise "
-                                 "[gateway] max_body_bytes in mi50d.toml", "body_too_large")
-        if request.content_length is not None and request.content_length > limit:
-            raise too_large
-        try:
-            return await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise too_large from None
 
     async def _serve(self, request: web.Request, name: str, target: dict[str, Any],
                      body: bytes) -> web.StreamResponse:
