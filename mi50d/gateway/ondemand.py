@@ -371,7 +371,13 @@ class OnDemand:
         act = self.activity(name)
         act.draining = True
         try:
-            await self._fronts_closed()
+            try:
+                async with asyncio.timeout(self._settings.swap_wait_s):
+                    await self._fronts_closed()
+            except TimeoutError:  # a front that does not answer: unload later, not blind
+                log.warning("idle_unload_postponed instance=%s: a gateway front did not "
+                            "acknowledge within swap_wait_s=%g", name, self._settings.swap_wait_s)
+                return
             if act.in_flight:  # a front began one just before it saw the unload: not idle
                 return
             log.info("idle_unload instance=%s idle_unload_s=%g", name, conf.idle_unload_s or 0)
