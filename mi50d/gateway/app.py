@@ -23,7 +23,7 @@ from mi50d.config import GatewayConfig, InstanceConfig
 from mi50d.engine.supervisor import UnknownInstance
 from mi50d.gateway import keys as keymod
 from mi50d.gateway import routing
-from mi50d.gateway.errors import GatewayError, bad_request, envelope, error_response
+from mi50d.gateway.errors import GatewayError, bad_request, envelope, error_response, internal_error
 from mi50d.gateway.instances import Instances
 from mi50d.gateway.observer import Observer
 from mi50d.gateway.ondemand import OnDemand
@@ -160,11 +160,9 @@ class Gateway:
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """API keys, and every error as an OpenAI envelope; a traceback only in the journal."""
-        if self.keys is not None and request.path not in OPEN_PATHS and not keymod.allowed(
-                self.keys, keymod.presented_key(request.headers)):
-            return error_response(GatewayError(
-                401, "missing or wrong API key: send `Authorization: Bearer KEY` or "
-                "`X-Api-Key: KEY` with a key from [gateway] api_key_file", "invalid_api_key"))
+        refused = key_refusal(self.keys, request)
+        if refused is not None:
+            return error_response(refused)
         try:
             return await handler(request)
         except GatewayError as exc:
@@ -179,8 +177,17 @@ class Gateway:
         except Exception:
             log.exception("gateway_request_crashed method=%s path=%s", request.method,
                           request.path)
-            return error_response(GatewayError(500, "internal error in mi50d's gateway; see "
-                                               "the journal (journalctl -u mi50d)", "internal"))
+            return error_response(internal_error())
+
+
+def key_refusal(keys: frozenset[str] | None, request: web.Request) -> GatewayError | None:
+    """The 401 for a request without one of `keys` (None: no keys, or an open path)."""
+    if keys is None or request.path in OPEN_PATHS or keymod.allowed(
+            keys, keymod.presented_key(request.headers)):
+        return None
+    return GatewayError(401, "missing or wrong API key: send `Authorization: Bearer KEY` or "
+                        "`X-Api-Key: KEY` with a key from [gateway] api_key_file",
+                        "invalid_api_key")
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:

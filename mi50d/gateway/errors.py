@@ -37,3 +37,9 @@ def error_response(exc: GatewayError) -> web.Response:
 
 def bad_request(message: str) -> GatewayError:
     return GatewayError(400, message, "invalid_request")
+
+
+def internal_error() -> GatewayError:
+    """What a client gets for a bug in the gateway; the traceback goes to the journal only."""
+    return GatewayError(500, "internal error in mi50d's gateway; see the journal (journalctl -u "
+                        "mi50d)", "internal")

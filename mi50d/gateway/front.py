@@ -33,9 +33,8 @@ import aiohttp
 from aiohttp import web
 
 from mi50d.gateway import channel, routing
-from mi50d.gateway import keys as keymod
-from mi50d.gateway.app import CUT_CODES, OPEN_PATHS, model_of, read_body
-from mi50d.gateway.errors import GatewayError, error_response
+from mi50d.gateway.app import CUT_CODES, key_refusal, model_of, read_body
+from mi50d.gateway.errors import GatewayError, error_response, internal_error
 from mi50d.gateway.proxy import Exchange, client_session, forward, upstream_headers
 
 log = logging.getLogger("mi50d.gateway.front")
@@ -105,16 +104,13 @@ class Front:
         except Exception:
             log.exception("front_request_crashed method=%s path=%s", request.method,
                           request.path)
-            return error_response(GatewayError(500, "internal error in mi50d's gateway; see "
-                                               "the journal (journalctl -u mi50d)", "internal"))
+            return error_response(internal_error())
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         await self.ready.wait()
-        if self.keys is not None and request.path not in OPEN_PATHS and not keymod.allowed(
-                self.keys, keymod.presented_key(request.headers)):
-            raise GatewayError(401, "missing or wrong API key: send `Authorization: Bearer KEY` "
-                               "or `X-Api-Key: KEY` with a key from [gateway] api_key_file",
-                               "invalid_api_key")
+        refused = key_refusal(self.keys, request)
+        if refused is not None:
+            raise refused
         body = await read_body(request, self.max_body)
         if request.method == "POST" and request.path in MODEL_ROUTES:
             try:
